@@ -1,0 +1,54 @@
+#pragma once
+// The CPU kernels of pg_error. pg_cpu_kernel_impl.h is compiled once per CPU
+// capability (kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp), each
+// into its own namespace, and pg_cpu.cpp picks one at run time as ATen does.
+#include "../pg_checks.h"
+
+namespace pgext {
+namespace cpu {
+
+// Per-row outputs of the forward kernel, all (rows,) in the accumulation dtype.
+struct ForwardRows {
+  at::Tensor lse;      // log-sum-exp: saved for backward
+  at::Tensor entropy;  // entropy: saved for backward
+  at::Tensor policy;   // -w * R * log_prob, before reduction
+  at::Tensor entropy_weighted;  // w * H, before reduction
+};
+
+// grad_policy / grad_entropy: (rows,) in the accumulation dtype, stride 0 or 1.
+// grad_logit: (rows, n) contiguous, in logit's dtype. Actions are in range.
+using ForwardFn = void (*)(const RowInputs& in, ForwardRows& out);
+using BackwardFn = void (*)(
+    const RowInputs& in,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double inv_count,
+    at::Tensor& grad_logit);
+
+#define PGEXT_DECLARE_CPU_KERNELS(CAP)                  \
+  namespace CAP {                                        \
+  void forward(const RowInputs& in, ForwardRows& out);   \
+  void backward(                                         \
+      const RowInputs& in,                               \
+      const at::Tensor& grad_policy,                     \
+      const at::Tensor& grad_entropy,                    \
+      const at::Tensor& lse,                             \
+      const at::Tensor& entropy,                         \
+      double inv_count,                                  \
+      at::Tensor& grad_logit);                           \
+  const char* name();                                    \
+  }
+
+// Name of the kernel build in use: "DEFAULT", "AVX2" or "AVX512".
+const char* active_capability();
+
+PGEXT_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(__x86_64__) || defined(_M_X64)
+PGEXT_DECLARE_CPU_KERNELS(AVX2)
+PGEXT_DECLARE_CPU_KERNELS(AVX512)
+#endif
+
+}  // namespace cpu
+}  // namespace pgext

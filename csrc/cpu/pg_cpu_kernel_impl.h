@@ -1,0 +1,329 @@
+// The CPU kernels of pg_error, compiled once per CPU capability: include only
+// from kernel_<capability>.cpp, after CPU_CAPABILITY is defined.
+//
+// Rows are processed in cache blocks of kBlock logits. Forward takes each
+// block's max, then its exp sums from cache (so memory is read once), and
+// merges block statistics in block order. The order never depends on the
+// thread count, so a row split across threads gives bitwise the same result
+// as a row done by one thread.
+#include "pg_cpu_kernel.h"
+
+#include "../pg_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pgext {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+using math::RowStats;
+
+// 4096 float32 logits = 16 KiB: the block stays in L1 between its two passes.
+constexpr int64_t kBlock = 4096;
+// Elements per parallel task, as at::internal::GRAIN_SIZE.
+constexpr int64_t kGrain = 32768;
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  return x.exp_u20();
+}
+inline Vectorized<double> vexp(const Vectorized<double>& x) {
+  return x.exp();
+}
+
+// The logits of one block in the accumulation type: a pointer into the row
+// when no conversion is needed, else converted into `buf`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_block(const scalar_t* src, int64_t len, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    using VS = Vectorized<scalar_t>;
+    using VF = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + VS::size() <= len; i += VS::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VS::loadu(src + i));
+      lo.store(buf + i);
+      hi.store(buf + i + VF::size());
+    }
+    for (; i < len; ++i) {
+      buf[i] = static_cast<float>(src[i]);
+    }
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+inline void store_block(const float* src, int64_t len, scalar_t* dst) {
+  using VS = Vectorized<scalar_t>;
+  using VF = Vectorized<float>;
+  int64_t i = 0;
+  for (; i + VS::size() <= len; i += VS::size()) {
+    at::vec::convert_from_float<scalar_t>(VF::loadu(src + i), VF::loadu(src + i + VF::size()))
+        .store(dst + i);
+  }
+  for (; i < len; ++i) {
+    dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// A partial last vector, padded with -inf so it adds nothing to the sums.
+template <typename acc_t>
+inline Vectorized<acc_t> load_tail(const acc_t* x, int64_t count) {
+  using V = Vectorized<acc_t>;
+  return V::set(V(math::neg_inf<acc_t>()), V::loadu(x, count), count);
+}
+
+template <typename acc_t>
+RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t full = len - len % W;
+
+  V vmax(math::neg_inf<acc_t>());
+  for (int64_t i = 0; i < full; i += W) {
+    vmax = at::vec::maximum(vmax, V::loadu(x + i));
+  }
+  if (full < len) {
+    vmax = at::vec::maximum(vmax, load_tail(x + full, len - full));
+  }
+  const acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  if (m != m) {
+    return {m, m, m};
+  }
+  if (m == math::neg_inf<acc_t>()) {
+    return math::empty_stats<acc_t>();
+  }
+
+  // Two independent accumulator pairs keep the exp pipeline busy.
+  const V vm(m);
+  const V vlow(math::lowest<acc_t>());
+  V s0(acc_t(0)), s1(acc_t(0)), u0(acc_t(0)), u1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= full; i += 2 * W) {
+    const V d0 = at::vec::maximum(V::loadu(x + i) - vm, vlow);
+    const V d1 = at::vec::maximum(V::loadu(x + i + W) - vm, vlow);
+    const V e0 = vexp(d0);
+    const V e1 = vexp(d1);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    u0 = at::vec::fmadd(e0, d0, u0);
+    u1 = at::vec::fmadd(e1, d1, u1);
+  }
+  if (i < full) {
+    const V d = at::vec::maximum(V::loadu(x + i) - vm, vlow);
+    const V e = vexp(d);
+    s0 = s0 + e;
+    u0 = at::vec::fmadd(e, d, u0);
+  }
+  if (full < len) {
+    const V d = at::vec::maximum(load_tail(x + full, len - full) - vm, vlow);
+    const V e = vexp(d);
+    s1 = s1 + e;
+    u1 = at::vec::fmadd(e, d, u1);
+  }
+  const auto add = [](V& a, V& b) { return a + b; };
+  RowStats<acc_t> st;
+  st.m = m;
+  st.s = at::vec::vec_reduce_all<acc_t>(add, s0 + s1);
+  st.u = at::vec::vec_reduce_all<acc_t>(add, u0 + u1);
+  return st;
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardRowKernel {
+  const scalar_t* logit;
+  int64_t row_stride;
+  int64_t n;
+  int64_t nblocks;
+  const int64_t* action;
+  const acc_t* ret;
+  const acc_t* weight;  // nullptr: weight 1
+  acc_t* lse;
+  acc_t* entropy;
+  acc_t* policy;
+  acc_t* entropy_weighted;
+
+  const scalar_t* row(int64_t r) const {
+    return logit + r * row_stride;
+  }
+
+  RowStats<acc_t> stats_of_block(int64_t r, int64_t b, acc_t* buf) const {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    return block_stats(load_block(row(r) + start, len, buf), len);
+  }
+
+  // Folds the statistics of blocks [0, nblocks) of row r, in block order.
+  template <typename BlockStats>
+  void finish(int64_t r, const BlockStats& stats_of) const {
+    RowStats<acc_t> st = math::empty_stats<acc_t>();
+    for (const auto b : c10::irange(nblocks)) {
+      st = math::combine(st, stats_of(b));
+    }
+    const auto res = math::finish_row(st);
+    const acc_t w = weight ? weight[r] : acc_t(1);
+    const acc_t x_a = static_cast<acc_t>(row(r)[action[r]]);
+    lse[r] = res.lse;
+    entropy[r] = res.entropy;
+    policy[r] = math::policy_term(x_a, res.lse, ret[r], w);
+    entropy_weighted[r] = math::entropy_term(res.entropy, w);
+  }
+};
+
+template <typename scalar_t>
+void forward_typed(const RowInputs& in, ForwardRows& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ForwardRowKernel<scalar_t, acc_t> k;
+  k.logit = in.logit.const_data_ptr<scalar_t>();
+  k.row_stride = in.logit.stride(0);
+  k.n = in.n;
+  k.nblocks = (in.n + kBlock - 1) / kBlock;
+  k.action = in.action.const_data_ptr<int64_t>();
+  k.ret = in.ret.const_data_ptr<acc_t>();
+  k.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+  k.lse = out.lse.mutable_data_ptr<acc_t>();
+  k.entropy = out.entropy.mutable_data_ptr<acc_t>();
+  k.policy = out.policy.mutable_data_ptr<acc_t>();
+  k.entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
+  const int64_t rows = in.rows;
+
+  const bool split_rows = k.nblocks > 1 && rows < 4 * at::get_num_threads();
+  if (!split_rows) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / in.n);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock);
+      for (const auto r : c10::irange(begin, end)) {
+        k.finish(r, [&](int64_t b) { return k.stats_of_block(r, b, buf.data()); });
+      }
+    });
+    return;
+  }
+  // Few long rows: block statistics in parallel, then the same ordered merge.
+  std::vector<RowStats<acc_t>> partial(rows * k.nblocks);
+  at::parallel_for(0, rows * k.nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock);
+    for (const auto t : c10::irange(begin, end)) {
+      partial[t] = k.stats_of_block(t / k.nblocks, t % k.nblocks, buf.data());
+    }
+  });
+  for (const auto r : c10::irange(rows)) {
+    k.finish(r, [&](int64_t b) { return partial[r * k.nblocks + b]; });
+  }
+}
+
+template <typename scalar_t>
+void backward_typed(
+    const RowInputs& in,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse_t,
+    const at::Tensor& entropy_t,
+    double inv_count_d,
+    at::Tensor& grad_logit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+
+  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
+  const int64_t row_stride = in.logit.stride(0);
+  const int64_t n = in.n;
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
+  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* g_pol = grad_policy.const_data_ptr<acc_t>();
+  const int64_t g_pol_stride = grad_policy.stride(0);
+  const acc_t* g_ent = grad_entropy.const_data_ptr<acc_t>();
+  const int64_t g_ent_stride = grad_entropy.stride(0);
+  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
+  const acc_t* entropy = entropy_t.const_data_ptr<acc_t>();
+  scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
+  const acc_t inv_count = static_cast<acc_t>(inv_count_d);
+
+  const int64_t tasks = in.rows * nblocks;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(kConvert ? kBlock : 0);
+    std::vector<acc_t> gbuf(kConvert ? kBlock : 0);
+    for (const auto t : c10::irange(begin, end)) {
+      const int64_t r = t / nblocks;
+      const int64_t start = (t % nblocks) * kBlock;
+      const int64_t len = std::min(kBlock, n - start);
+      const acc_t w = weight ? weight[r] : acc_t(1);
+      const auto c = math::grad_coef(
+          g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
+
+      const acc_t* x = load_block(logit + r * row_stride + start, len, xbuf.data());
+      scalar_t* dst = out + r * n + start;
+      acc_t* g = nullptr;
+      if constexpr (kConvert) {
+        g = gbuf.data();
+      } else {
+        g = dst;
+      }
+
+      const V vlse(lse[r]);
+      const V vlow(math::lowest<acc_t>());
+      const V vk(c.k);
+      const V vce(c.c_entropy);
+      const auto grad_vec = [&](const V& xv) {
+        const V tv = at::vec::maximum(xv - vlse, vlow);
+        const V p = vexp(tv);
+        return at::vec::fnmadd(vce, p * tv, p * vk);
+      };
+      int64_t i = 0;
+      for (; i + W <= len; i += W) {
+        grad_vec(V::loadu(x + i)).store(g + i);
+      }
+      if (i < len) {
+        grad_vec(V::loadu(x + i, len - i)).store(g + i, len - i);
+      }
+      const int64_t a = action[r] - start;
+      if (a >= 0 && a < len) {
+        g[a] -= c.c_policy;
+      }
+      if constexpr (kConvert) {
+        store_block(g, len, dst);
+      }
+    }
+  });
+}
+
+void forward(const RowInputs& in, ForwardRows& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_forward_cpu",
+      [&] { forward_typed<scalar_t>(in, out); });
+}
+
+void backward(
+    const RowInputs& in,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double inv_count,
+    at::Tensor& grad_logit) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
+        backward_typed<scalar_t>(in, grad_policy, grad_entropy, lse, entropy, inv_count, grad_logit);
+      });
+}
+
+const char* name() {
+  return C10_STRINGIZE(CPU_CAPABILITY);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace pgext

@@ -1,0 +1,162 @@
+// Autograd for pg_error in C++, at the Autograd key: Python and C++ callers
+// alike get gradients, and torch.compile traces forward and backward ops.
+#include "pg_grad_composite.h"
+#include "pg_ops.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace pgext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class PgErrorFunction : public torch::autograd::Function<PgErrorFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& logit,
+      const at::Tensor& action,
+      const at::Tensor& ret,
+      const std::optional<at::Tensor>& weight,
+      const std::string& reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [policy, entropy, lse, row_entropy] =
+        ops::pg_error_forward(logit, action, ret, weight, reduction);
+    ctx->save_for_backward({logit, action, ret, weight.value_or(at::Tensor()), lse, row_entropy});
+    ctx->saved_data["reduction"] = reduction;
+    return {policy, entropy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logit = saved[0];
+    const at::Tensor& action = saved[1];
+    const at::Tensor& ret = saved[2];
+    const at::Tensor& weight = saved[3];
+    const at::Tensor& lse = saved[4];
+    const at::Tensor& row_entropy = saved[5];
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    const Reduction red = parse_reduction(reduction);
+    const at::Tensor& grad_policy = grads[0];
+    const at::Tensor& grad_entropy = grads[1];
+
+    const bool need_logit = ctx->needs_input_grad(0);
+    const bool need_ret = ctx->needs_input_grad(2);
+    const bool need_weight = weight.defined() && ctx->needs_input_grad(3);
+
+    // create_graph=True: the backward must itself be differentiable.
+    if (at::GradMode::is_enabled()) {
+      auto g = pg_error_grads_composite(
+          grad_policy, grad_entropy, logit, action, ret, weight, red, need_logit, need_ret, need_weight);
+      return {g.logit, at::Tensor(), g.ret, g.weight, at::Tensor()};
+    }
+
+    at::Tensor grad_logit, grad_ret, grad_weight;
+    if (need_logit) {
+      const std::optional<at::Tensor> weight_opt =
+          weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
+      grad_logit = ops::pg_error_backward(
+          grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, row_entropy, reduction);
+    }
+    if (need_ret || need_weight) {
+      // Per-sample gradients: log_prob is one gather away from the saved lse.
+      const auto acc = lse.scalar_type();
+      const double inv_count =
+          red == Reduction::Mean && action.numel() > 0 ? 1.0 / static_cast<double>(action.numel()) : 1.0;
+      const at::Tensor log_prob =
+          logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(acc) - lse;
+      const at::Tensor g_pol = grad_policy.to(acc) * inv_count;
+      if (need_ret) {
+        const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, lse.options());
+        grad_ret = (-g_pol * w * log_prob).to(ret.scalar_type());
+      }
+      if (need_weight) {
+        const at::Tensor g_ent = grad_entropy.to(acc) * inv_count;
+        grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * row_entropy).to(weight.scalar_type());
+      }
+    }
+    return {grad_logit, at::Tensor(), grad_ret, grad_weight, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  auto out = PgErrorFunction::apply(logit, action, ret, weight, std::string(reduction));
+  return {out[0], out[1]};
+}
+
+// Below autograd (no_grad, inference mode, tracing of the forward graph) the
+// op is its forward kernel without the saved statistics.
+std::tuple<at::Tensor, at::Tensor> pg_error_no_grad(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  auto out = ops::pg_error_forward(logit, action, ret, weight, reduction);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+// The kernel ops are not differentiable themselves: with grad mode on and an
+// input that requires grad, refuse rather than return a constant silently.
+void refuse_grad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) {
+    return;
+  }
+  for (const at::Tensor* t : inputs) {
+    TORCH_CHECK(
+        !(t->defined() && t->requires_grad()),
+        "pgext::", op, " is a kernel op without gradients; call pgext::pg_error (pgext.pg_error in "
+        "Python) to differentiate pg_error");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_autograd(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  const at::Tensor w = weight.value_or(at::Tensor());
+  refuse_grad("pg_error_forward", {&logit, &ret, &w});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::pg_error_forward(logit, action, ret, weight, reduction);
+}
+
+at::Tensor pg_error_backward_autograd(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction) {
+  const at::Tensor w = weight.value_or(at::Tensor());
+  refuse_grad("pg_error_backward", {&grad_policy, &grad_entropy, &logit, &ret, &w, &lse, &entropy});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::pg_error_backward(
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pgext, Autograd, m) {
+  m.impl("pg_error", &pg_error_autograd);
+  m.impl("pg_error_forward", &pg_error_forward_autograd);
+  m.impl("pg_error_backward", &pg_error_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(pgext, CompositeExplicitAutograd, m) {
+  m.impl("pg_error", &pg_error_no_grad);
+}
+
+}  // namespace pgext

@@ -1,0 +1,164 @@
+#include "pg_checks.h"
+
+#include <ATen/TensorUtils.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+namespace pgext {
+
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "mean") {
+    return Reduction::Mean;
+  }
+  if (reduction == "sum") {
+    return Reduction::Sum;
+  }
+  if (reduction == "none") {
+    return Reduction::None;
+  }
+  TORCH_CHECK_VALUE(
+      false, "pg_error: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+}
+
+namespace {
+
+bool is_real_number_type(at::ScalarType t) {
+  return at::isFloatingType(t) || at::isIntegralType(t, /*includeBool=*/true);
+}
+
+void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& action, const at::Tensor& logit) {
+  TORCH_CHECK_TYPE(
+      is_real_number_type(t.scalar_type()),
+      "pg_error: ", name, " must be a real-valued tensor, got dtype ", t.scalar_type());
+  TORCH_CHECK_VALUE(
+      t.sym_sizes() == action.sym_sizes(),
+      "pg_error: ", name, " must have the shape of action ", action.sym_sizes(), ", got ",
+      t.sym_sizes(), " (pgext does not broadcast per-sample terms: a (B, 1) tensor against (B,) "
+      "actions would silently form a (B, B) product)");
+  TORCH_CHECK_VALUE(
+      t.device() == logit.device(),
+      "pg_error: ", name, " is on ", t.device(), " but logit is on ", logit.device());
+}
+
+}  // namespace
+
+void check_inputs(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_VALUE(logit.defined() && action.defined() && ret.defined(),
+                    "pg_error: logit, action and return_ must be tensors");
+  const auto ldt = logit.scalar_type();
+  TORCH_CHECK_TYPE(
+      ldt == at::kFloat || ldt == at::kDouble || ldt == at::kHalf || ldt == at::kBFloat16,
+      "pg_error: logit must be float16, bfloat16, float32 or float64, got ", ldt);
+  TORCH_CHECK_VALUE(
+      logit.dim() >= 1, "pg_error: logit must have at least one dimension (..., N), got a 0-d tensor");
+  TORCH_CHECK_VALUE(
+      logit.sym_size(-1) > 0,
+      "pg_error: logit has N = 0 classes (shape ", logit.sym_sizes(), "); a distribution needs N >= 1");
+  TORCH_CHECK_TYPE(
+      at::isIntegralType(action.scalar_type(), /*includeBool=*/false),
+      "pg_error: action must hold integer class indices, got dtype ", action.scalar_type());
+  TORCH_CHECK_VALUE(
+      action.sym_sizes() == logit.sym_sizes().slice(0, logit.dim() - 1),
+      "pg_error: action must have shape logit.shape[:-1] = ", logit.sym_sizes().slice(0, logit.dim() - 1),
+      ", got ", action.sym_sizes(), " (logit ", logit.sym_sizes(), ")");
+  TORCH_CHECK_VALUE(
+      action.device() == logit.device(),
+      "pg_error: action is on ", action.device(), " but logit is on ", logit.device());
+  check_per_sample("return_", ret, action, logit);
+  if (weight.has_value() && weight->defined()) {
+    check_per_sample("weight", *weight, action, logit);
+  }
+}
+
+void check_backward_inputs(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    const at::Tensor& action,
+    Reduction reduction) {
+  const auto loss_shape = reduction == Reduction::None ? action.sym_sizes() : c10::SymIntArrayRef{};
+  for (const auto* g : {&grad_policy, &grad_entropy}) {
+    TORCH_CHECK_VALUE(
+        g->sym_sizes() == loss_shape,
+        "pg_error_backward: the gradient of a loss must have the loss's shape ", loss_shape,
+        ", got ", g->sym_sizes());
+    TORCH_CHECK_VALUE(g->device() == action.device(),
+                      "pg_error_backward: a gradient is on ", g->device(), " but action is on ", action.device());
+  }
+  for (const auto* s : {&lse, &entropy}) {
+    TORCH_CHECK_VALUE(
+        s->sym_sizes() == action.sym_sizes(),
+        "pg_error_backward: saved statistics must have the shape of action ", action.sym_sizes(),
+        ", got ", s->sym_sizes());
+    TORCH_CHECK_VALUE(s->device() == action.device(),
+                      "pg_error_backward: saved statistics are on ", s->device(), " but action is on ", action.device());
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType logit_dtype) {
+  return logit_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType loss_type(
+    const at::Tensor& logit,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight) {
+  auto t = c10::promoteTypes(logit.scalar_type(), ret.scalar_type());
+  if (weight.has_value() && weight->defined()) {
+    t = c10::promoteTypes(t, weight->scalar_type());
+  }
+  return t;
+}
+
+namespace {
+
+// (rows, n) view of the logits sharing their storage, or a contiguous copy
+// when no single row stride describes them.
+at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
+  if (logit.stride(-1) == 1 || n == 1) {
+    const int64_t shape[2] = {rows, n};
+    auto strides = at::detail::computeStride(logit.sizes(), logit.strides(), shape);
+    if (strides.has_value()) {
+      return logit.as_strided({rows, n}, {(*strides)[0], 1});
+    }
+  }
+  return logit.contiguous().view({rows, n});
+}
+
+at::Tensor per_sample(const at::Tensor& t, int64_t rows, at::ScalarType acc) {
+  return t.reshape({rows}).to(acc).contiguous();
+}
+
+}  // namespace
+
+RowInputs flatten_rows(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight) {
+  RowInputs in;
+  in.n = logit.size(-1);
+  in.rows = action.numel();
+  const auto acc = acc_type(logit.scalar_type());
+  in.logit = logit_rows(logit, in.rows, in.n);
+  in.action = action.reshape({in.rows}).to(at::kLong).contiguous();
+  in.ret = per_sample(ret, in.rows, acc);
+  if (weight.has_value() && weight->defined()) {
+    in.weight = per_sample(*weight, in.rows, acc);
+  }
+  return in;
+}
+
+at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc) {
+  if (grad.dim() == 0) {
+    return grad.to(acc).expand({rows});
+  }
+  return grad.reshape({rows}).to(acc).contiguous();
+}
+
+}  // namespace pgext

@@ -1,0 +1,69 @@
+#pragma once
+// Input validation and flattening shared by every backend of pg_error. The
+// checks read only metadata (shapes, dtypes, devices), never data, so the Meta
+// kernels run them too and torch.compile reports the same errors as eager.
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace pgext {
+
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+// ValueError unless `reduction` is 'mean', 'sum' or 'none'.
+Reduction parse_reduction(c10::string_view reduction);
+
+// ValueError / TypeError naming the offending shapes, dtypes or devices.
+void check_inputs(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight);
+
+// The extra inputs of the backward op: upstream gradients of the two losses
+// (0-d for 'mean' and 'sum', the shape of action for 'none') and the
+// per-sample statistics saved by forward (the shape of action).
+void check_backward_inputs(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    const at::Tensor& action,
+    Reduction reduction);
+
+// Accumulation type of the kernels: float32 for every floating logit dtype but
+// float64, which accumulates in float64.
+at::ScalarType acc_type(at::ScalarType logit_dtype);
+
+// Dtype of the two losses: the promotion of logit, return_ and weight, as the
+// notebook's arithmetic would produce.
+at::ScalarType loss_type(
+    const at::Tensor& logit,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight);
+
+// pg_error's inputs viewed as rows of logits.
+struct RowInputs {
+  at::Tensor logit;   // (rows, n), unit stride within a row, any row stride
+  at::Tensor action;  // (rows,) int64, contiguous
+  at::Tensor ret;     // (rows,) accumulation dtype, contiguous
+  at::Tensor weight;  // (rows,) accumulation dtype, contiguous; undefined if absent
+  int64_t rows = 0;
+  int64_t n = 0;
+};
+
+// Flattens validated inputs to rows. The logits are copied only when their
+// leading dimensions cannot be addressed with a single row stride or the
+// class dimension is not unit-strided.
+RowInputs flatten_rows(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight);
+
+// An upstream gradient as (rows,) in the accumulation dtype: a scalar gradient
+// (reductions 'mean' and 'sum') is expanded with stride 0, not copied.
+at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc);
+
+}  // namespace pgext

@@ -1,0 +1,163 @@
+#pragma once
+// Per-row math of pg_error, shared by the CPU and CUDA kernels so that the CPU
+// tests cover the formulas the GPU runs. Derivation: shared/design/pg_math.md.
+//
+// One row holds logits x_j (j < N), an action a, a return R and a weight w.
+// Forward keeps three running values in the accumulation type acc_t:
+//   m = max_j x_j,  s = sum_j exp(x_j - m),  u = sum_j exp(x_j - m) * (x_j - m)
+// u is kept relative to m (not sum exp * x) so that the entropy does not lose
+// accuracy to cancellation when logits are large (1e4 and beyond).
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace pgext {
+namespace math {
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t exp_(acc_t x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t log_(acc_t x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Lowest finite value: masked logits (-inf) are clamped to it before they meet
+// a zero probability, so that 0 * (-inf) never turns into NaN.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lowest() {
+  return std::numeric_limits<acc_t>::lowest();
+}
+
+template <typename acc_t>
+struct RowStats {
+  acc_t m;  // running max
+  acc_t s;  // sum exp(x - m)
+  acc_t u;  // sum exp(x - m) * (x - m)
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline RowStats<acc_t> empty_stats() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0)};
+}
+
+// Merges the statistics of two disjoint parts of a row. An empty part (or one
+// that is entirely masked) has m = -inf and contributes nothing: its scale is 0
+// and its term is skipped rather than formed as 0 * (-inf).
+template <typename acc_t>
+C10_HOST_DEVICE inline RowStats<acc_t> combine(RowStats<acc_t> a, RowStats<acc_t> b) {
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  if (m == neg_inf<acc_t>()) {
+    return empty_stats<acc_t>();
+  }
+  // NaN in either part: let it propagate to the outputs.
+  if (m != m) {
+    return {m, m, m};
+  }
+  const acc_t sa = exp_(a.m - m);
+  const acc_t sb = exp_(b.m - m);
+  RowStats<acc_t> r;
+  r.m = m;
+  r.s = sa * a.s + sb * b.s;
+  r.u = (sa == acc_t(0) ? acc_t(0) : sa * (a.u + (a.m - m) * a.s)) +
+        (sb == acc_t(0) ? acc_t(0) : sb * (b.u + (b.m - m) * b.s));
+  return r;
+}
+
+// Adds one logit to running statistics (the per-thread step of the GPU
+// kernels and the scalar tail of the CPU ones). One exp per element, plus one
+// when the max moves.
+template <typename acc_t>
+C10_HOST_DEVICE inline void online_update(RowStats<acc_t>& st, acc_t x) {
+  if (x == neg_inf<acc_t>()) {
+    return;
+  }
+  if (x > st.m) {
+    if (st.m != neg_inf<acc_t>()) {
+      const acc_t d = st.m - x;
+      const acc_t scale = exp_(d);
+      st.u = scale * (st.u + d * st.s);
+      st.s *= scale;
+    }
+    st.m = x;
+  }
+  const acc_t d = x - st.m;
+  const acc_t e = exp_(d);
+  st.s += e;
+  st.u += e * d;
+}
+
+// log-sum-exp and entropy of a finished row. A row whose logits are all -inf
+// has no distribution: lse = -inf and H = NaN, which propagate honestly.
+template <typename acc_t>
+struct RowResult {
+  acc_t lse;
+  acc_t entropy;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline RowResult<acc_t> finish_row(RowStats<acc_t> st) {
+  const acc_t log_s = log_(st.s);
+  return {st.m + log_s, log_s - st.u / st.s};
+}
+
+// Per-row loss terms before reduction.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t policy_term(acc_t x_action, acc_t lse, acc_t ret, acc_t w) {
+  return -w * ret * (x_action - lse);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t entropy_term(acc_t entropy, acc_t w) {
+  return w * entropy;
+}
+
+// Backward: with p_j = exp(x_j - lse),
+//   dL/dx_j = cP * (p_j - [j == a]) - cE * p_j * (x_j - lse + H)
+//           = p_j * k - cE * (p_j * t_j) - cP * [j == a]
+// where t_j = x_j - lse, cP = gP*w*R/C, cE = gE*w/C and k = cP - cE*H.
+// Written this way a masked logit (t_j clamped to the lowest finite value,
+// p_j = 0) yields exactly 0 without ever forming 0 * (-inf) or overflowing.
+template <typename acc_t>
+struct RowGradCoef {
+  acc_t c_policy;   // cP: also what the action's entry loses
+  acc_t c_entropy;  // cE
+  acc_t k;          // cP - cE * H
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline RowGradCoef<acc_t> grad_coef(
+    acc_t grad_policy, acc_t grad_entropy, acc_t ret, acc_t w, acc_t entropy, acc_t inv_count) {
+  RowGradCoef<acc_t> c;
+  c.c_policy = grad_policy * w * ret * inv_count;
+  c.c_entropy = grad_entropy * w * inv_count;
+  c.k = c.c_policy - c.c_entropy * entropy;
+  return c;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t grad_elem(acc_t x, acc_t lse, RowGradCoef<acc_t> c) {
+  acc_t t = x - lse;
+  t = t < lowest<acc_t>() ? lowest<acc_t>() : t;
+  const acc_t p = exp_(t);
+  return p * c.k - c.c_entropy * (p * t);
+}
+
+}  // namespace math
+}  // namespace pgext

@@ -1,0 +1,52 @@
+// Meta kernels: output shapes and dtypes without data, on symbolic shapes, so
+// that FakeTensor, torch.compile and torch.export trace pg_error. They run the
+// same input checks as the real kernels.
+#include "pg_checks.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace pgext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_meta(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  check_inputs(logit, action, ret, weight);
+  const auto red = parse_reduction(reduction);
+  const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
+  const auto loss = logit.options().dtype(loss_type(logit, ret, weight));
+  const auto loss_shape = red == Reduction::None ? action.sym_sizes() : c10::SymIntArrayRef{};
+  return {
+      at::empty_symint(loss_shape, loss),
+      at::empty_symint(loss_shape, loss),
+      at::empty_symint(action.sym_sizes(), stats),
+      at::empty_symint(action.sym_sizes(), stats)};
+}
+
+at::Tensor pg_error_backward_meta(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction) {
+  check_inputs(logit, action, ret, weight);
+  check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, parse_reduction(reduction));
+  return at::empty_symint(logit.sym_sizes(), logit.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pgext, Meta, m) {
+  m.impl("pg_error_forward", &pg_error_forward_meta);
+  m.impl("pg_error_backward", &pg_error_backward_meta);
+}
+
+}  // namespace pgext

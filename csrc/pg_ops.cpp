@@ -1,0 +1,49 @@
+#include "pg_ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace pgext {
+namespace ops {
+
+std::tuple<at::Tensor, at::Tensor> pg_error(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_error", "")
+                       .typed<decltype(pg_error)>();
+  return op.call(logit, action, ret, weight, reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_error_forward", "")
+                       .typed<decltype(pg_error_forward)>();
+  return op.call(logit, action, ret, weight, reduction);
+}
+
+at::Tensor pg_error_backward(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_error_backward", "")
+                       .typed<decltype(pg_error_backward)>();
+  return op.call(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
+}
+
+}  // namespace ops
+}  // namespace pgext

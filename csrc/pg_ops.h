@@ -1,0 +1,38 @@
+#pragma once
+// Typed handles to pgext's dispatcher ops, for C++ code that calls them.
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pgext {
+namespace ops {
+
+std::tuple<at::Tensor, at::Tensor> pg_error(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction);
+
+at::Tensor pg_error_backward(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction);
+
+}  // namespace ops
+}  // namespace pgext

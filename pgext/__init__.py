@@ -1,0 +1,80 @@
+"""pgext: the policy-gradient loss and its entropy bonus in one fused op.
+
+Drop-in for the notebook's ``pg_error``::
+
+    from pgext import pg_data, pg_loss, pg_error
+    loss = pg_error(pg_data(logit, action, return_))
+    total = loss.policy_loss - entropy_weight * loss.entropy_loss
+
+The work is done by dispatcher ops (``torch.ops.pgext.*``) with CPU and CUDA
+kernels and C++ autograd; this module only loads them and keeps the API.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._types import pg_data, pg_loss
+
+__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "__version__"]
+
+
+def _load_extension():
+    # PGEXT_JIT=1: compile the sources in this checkout instead of importing
+    # the installed build (the two must never load together: both register
+    # the pgext op library).
+    if os.environ.get("PGEXT_JIT", "0") == "1":
+        from . import jit
+
+        return jit.load(), "jit"
+    from . import _C
+
+    return _C, "installed"
+
+
+_C, _BUILD_MODE = _load_extension()
+__version__: str = _C.__version__
+_pg_error_op = torch.ops.pgext.pg_error.default
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def build_mode() -> str:
+    """'installed' for the compiled package, 'jit' under PGEXT_JIT=1."""
+    return _BUILD_MODE
+
+
+def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
+    """Policy-gradient loss and entropy of a categorical policy.
+
+    Args:
+        data: ``pg_data(logit, action, return_)`` or any 3-tuple: logits
+            ``(..., N)``, integer actions ``logit.shape[:-1]`` and returns of
+            exactly the actions' shape.
+        weight: optional per-sample weight (or mask), the actions' shape; it
+            multiplies each sample's policy and entropy terms.
+        reduction: ``'mean'`` (over samples, the notebook's), ``'sum'`` or
+            ``'none'`` (per-sample tensors of the actions' shape).
+
+    Returns:
+        ``pg_loss(policy_loss, entropy_loss)`` with
+        ``policy_loss = -(return_ * log_prob(action))`` and
+        ``entropy_loss = entropy``, reduced.
+    """
+    try:
+        logit, action, return_ = data
+    except (TypeError, ValueError):
+        raise TypeError(
+            "pg_error expects pg_data(logit, action, return_) or a 3-tuple of tensors, "
+            f"got {type(data).__name__}"
+        ) from None
+    for name, value in (("logit", logit), ("action", action), ("return_", return_)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"pg_error: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"pg_error: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"pg_error: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
+    return pg_loss(policy_loss, entropy_loss)
