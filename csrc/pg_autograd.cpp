@@ -64,17 +64,15 @@ class PgErrorFunction : public torch::autograd::Function<PgErrorFunction> {
     if (need_ret || need_weight) {
       // Per-sample gradients: log_prob is one gather away from the saved lse.
       const auto acc = lse.scalar_type();
-      const double inv_count =
-          red == Reduction::Mean && action.numel() > 0 ? 1.0 / static_cast<double>(action.numel()) : 1.0;
       const at::Tensor log_prob =
           logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(acc) - lse;
-      const at::Tensor g_pol = grad_policy.to(acc) * inv_count;
+      const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
       if (need_ret) {
         const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, lse.options());
         grad_ret = (-g_pol * w * log_prob).to(ret.scalar_type());
       }
       if (need_weight) {
-        const at::Tensor g_ent = grad_entropy.to(acc) * inv_count;
+        const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), red, action);
         grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * row_entropy).to(weight.scalar_type());
       }
     }

@@ -1,6 +1,7 @@
 #include "pg_checks.h"
 
 #include <ATen/TensorUtils.h>
+#include <ATen/ops/div.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -98,6 +99,13 @@ void check_backward_inputs(
     TORCH_CHECK_VALUE(s->device() == action.device(),
                       "pg_error_backward: saved statistics are on ", s->device(), " but action is on ", action.device());
   }
+}
+
+at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const at::Tensor& action) {
+  if (reduction != Reduction::Mean) {
+    return t;
+  }
+  return at::div(t, c10::Scalar(action.sym_numel()));
 }
 
 at::ScalarType acc_type(at::ScalarType logit_dtype) {

@@ -32,6 +32,10 @@ void check_backward_inputs(
     const at::Tensor& action,
     Reduction reduction);
 
+// `t` divided by the number of samples for 'mean', as is otherwise. Works on
+// symbolic shapes (torch.compile with dynamic shapes).
+at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const at::Tensor& action);
+
 // Accumulation type of the kernels: float32 for every floating logit dtype but
 // float64, which accumulates in float64.
 at::ScalarType acc_type(at::ScalarType logit_dtype);

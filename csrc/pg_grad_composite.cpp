@@ -26,11 +26,8 @@ PgGrads pg_error_grads_composite(
   const at::Tensor index = action.to(at::kLong).unsqueeze(-1);
   const at::Tensor logp_action = logp.gather(-1, index).squeeze(-1);
 
-  const double inv_count = reduction == Reduction::Mean && action.numel() > 0
-      ? 1.0 / static_cast<double>(action.numel())
-      : 1.0;
-  const at::Tensor g_pol = grad_policy.to(acc) * inv_count;
-  const at::Tensor g_ent = grad_entropy.to(acc) * inv_count;
+  const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
+  const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
   const at::Tensor r = ret.to(acc);
   const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, x.options());
 

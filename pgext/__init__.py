@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 
+from . import reference
 from ._types import pg_data, pg_loss
 
-__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "__version__"]
+__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "reference", "__version__"]
 
 
 def _load_extension():

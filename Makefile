@@ -1,0 +1,42 @@
+# pgext: `make demo` (train an agent with pgext) and `make test` (the full
+# suite) do all set-up on a fresh machine: they create and reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC := torch==2.14.1
+DEPS_STAMP := $(VENV)/.pgext-deps
+REQUIREMENTS := $(wildcard requirements/*.txt)
+# Build jobs for ninja; the CI machine has 2 cores.
+export MAX_JOBS ?= 2
+
+.PHONY: help demo test build bench clean
+
+help:
+	@echo "make demo   - set up .venv, build pgext, train CartPole with it"
+	@echo "make test   - set up .venv, build pgext, run the whole test suite"
+	@echo "make bench  - benchmark pgext against the reference (python -m pgext.bench)"
+	@echo "make clean  - remove build outputs (keeps .venv)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(REQUIREMENTS) Makefile | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_SPEC) setuptools wheel pybind11 ninja $(addprefix -r ,$(REQUIREMENTS))
+	touch $@
+
+# Incremental (ninja) in-place build of pgext._C; CUDA kernels too when a CUDA
+# toolkit is found (no GPU needed).
+build: $(DEPS_STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+demo: build
+	$(PY) -m pgext.demo
+
+test: build
+	$(PY) -m pytest tests -ra
+
+bench: build
+	$(PY) -m pgext.bench
+
+clean:
+	rm -rf build pgext/_C*.so pgext/*.so

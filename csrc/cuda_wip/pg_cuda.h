@@ -1,0 +1,53 @@
+#pragma once
+// Host-side interface between the CUDA files of pg_error: pg_cuda.cu prepares
+// the inputs (the checks and flattening shared with the CPU backend) and calls
+// these launchers, each defined next to its kernels.
+//
+// Every launcher enqueues on the current stream of the current device (the
+// caller holds a CUDAGuard on the logits' device), never synchronizes and
+// launches nothing when there is nothing to do.
+#include "../pg_checks.h"
+
+#include <ATen/core/Tensor.h>
+
+namespace pgext {
+namespace cuda {
+
+// Per-row outputs of the forward kernel, all (rows,) contiguous in the
+// accumulation dtype (float32; float64 for float64 logits).
+struct ForwardRows {
+  at::Tensor lse;               // log-sum-exp: saved for backward
+  at::Tensor entropy;           // entropy: saved for backward
+  at::Tensor policy;            // -w * R * log_prob, before reduction
+  at::Tensor entropy_weighted;  // w * H, before reduction
+};
+
+// pg_cuda_forward.cu: one pass over the logits, one warp (or part of one) per
+// row of N <= kShortRow logits, one block per longer row.
+void launch_forward(const RowInputs& in, ForwardRows& out);
+
+// pg_cuda_backward.cu: one read of the logits and one write of grad_logit,
+// (rows, n) contiguous in the logits' dtype. grad_policy / grad_entropy are
+// (rows,) in the accumulation dtype with stride 0 or 1; lse / entropy are
+// (rows,) contiguous in the accumulation dtype.
+void launch_backward(
+    const RowInputs& in,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double inv_count,
+    at::Tensor& grad_logit);
+
+// pg_cuda_reduce.cu: the two losses from the per-row terms: 'none' casts them
+// to `dtype` in the shape of action; 'mean' and 'sum' reduce them in a fixed
+// order (one block, float64 partial sums, no atomics) into 0-d tensors.
+std::pair<at::Tensor, at::Tensor> reduce_losses(
+    const at::Tensor& policy,
+    const at::Tensor& entropy_weighted,
+    Reduction reduction,
+    at::IntArrayRef shape,
+    at::ScalarType dtype);
+
+}  // namespace cuda
+}  // namespace pgext
