@@ -145,9 +145,38 @@ at::Tensor pg_error_backward_autograd(
       grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_autograd(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    int64_t vocab_start) {
+  refuse_grad("pg_row_stats", {&logit});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::pg_row_stats(logit, action, vocab_start);
+}
+
+at::Tensor pg_grad_from_stats_autograd(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction,
+    int64_t vocab_start) {
+  const at::Tensor w = weight.value_or(at::Tensor());
+  refuse_grad("pg_grad_from_stats", {&grad_policy, &grad_entropy, &logit, &ret, &w, &lse, &entropy});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::pg_grad_from_stats(
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pgext, Autograd, m) {
+  m.impl("pg_row_stats", &pg_row_stats_autograd);
+  m.impl("pg_grad_from_stats", &pg_grad_from_stats_autograd);
   m.impl("pg_error", &pg_error_autograd);
   m.impl("pg_error_forward", &pg_error_forward_autograd);
   m.impl("pg_error_backward", &pg_error_backward_autograd);

@@ -43,13 +43,8 @@ void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& a
 
 }  // namespace
 
-void check_inputs(
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK_VALUE(logit.defined() && action.defined() && ret.defined(),
-                    "pg_error: logit, action and return_ must be tensors");
+void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
+  TORCH_CHECK_VALUE(logit.defined() && action.defined(), "pg_error: logit and action must be tensors");
   const auto ldt = logit.scalar_type();
   TORCH_CHECK_TYPE(
       ldt == at::kFloat || ldt == at::kDouble || ldt == at::kHalf || ldt == at::kBFloat16,
@@ -69,6 +64,15 @@ void check_inputs(
   TORCH_CHECK_VALUE(
       action.device() == logit.device(),
       "pg_error: action is on ", action.device(), " but logit is on ", logit.device());
+}
+
+void check_inputs(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_VALUE(ret.defined(), "pg_error: return_ must be a tensor");
+  check_logit_and_action(logit, action);
   check_per_sample("return_", ret, action, logit);
   if (weight.has_value() && weight->defined()) {
     check_per_sample("weight", *weight, action, logit);
@@ -144,17 +148,22 @@ at::Tensor per_sample(const at::Tensor& t, int64_t rows, at::ScalarType acc) {
 
 }  // namespace
 
+RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
+  RowInputs in;
+  in.n = logit.size(-1);
+  in.rows = action.numel();
+  in.logit = logit_rows(logit, in.rows, in.n);
+  in.action = action.reshape({in.rows}).to(at::kLong).contiguous();
+  return in;
+}
+
 RowInputs flatten_rows(
     const at::Tensor& logit,
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight) {
-  RowInputs in;
-  in.n = logit.size(-1);
-  in.rows = action.numel();
+  RowInputs in = flatten_logit_and_action(logit, action);
   const auto acc = acc_type(logit.scalar_type());
-  in.logit = logit_rows(logit, in.rows, in.n);
-  in.action = action.reshape({in.rows}).to(at::kLong).contiguous();
   in.ret = per_sample(ret, in.rows, acc);
   if (weight.has_value() && weight->defined()) {
     in.weight = per_sample(*weight, in.rows, acc);

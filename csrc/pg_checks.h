@@ -14,6 +14,9 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 // ValueError unless `reduction` is 'mean', 'sum' or 'none'.
 Reduction parse_reduction(c10::string_view reduction);
 
+// Checks of logit and action alone (also used by pg_row_stats).
+void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
+
 // ValueError / TypeError naming the offending shapes, dtypes or devices.
 void check_inputs(
     const at::Tensor& logit,
@@ -56,6 +59,9 @@ struct RowInputs {
   int64_t rows = 0;
   int64_t n = 0;
 };
+
+// Flattens validated logit and action to rows (ret and weight left undefined).
+RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
 
 // Flattens validated inputs to rows. The logits are copied only when their
 // leading dimensions cannot be addressed with a single row stride or the

@@ -16,4 +16,16 @@ TORCH_LIBRARY(pgext, m) {
   m.def(
       "pg_error_backward(Tensor grad_policy, Tensor grad_entropy, Tensor logit, Tensor action, "
       "Tensor return_, Tensor? weight, Tensor lse, Tensor entropy, str reduction) -> Tensor");
+  // Pieces for logits sharded over the class dimension (pgext.distributed):
+  // this shard's per-sample max, sum exp(x - max), sum exp(x - max) * (x - max)
+  // and the action's logit (0 where the action lies in another shard), for
+  // classes [vocab_start, vocab_start + N_local).
+  m.def(
+      "pg_row_stats(Tensor logit, Tensor action, int vocab_start=0) -> "
+      "(Tensor max, Tensor sum_exp, Tensor shifted_sum, Tensor action_logit)");
+  // pg_error_backward for a shard, from the global per-sample lse and entropy;
+  // actions outside the shard contribute no one-hot term.
+  m.def(
+      "pg_grad_from_stats(Tensor grad_policy, Tensor grad_entropy, Tensor logit, Tensor action, "
+      "Tensor return_, Tensor? weight, Tensor lse, Tensor entropy, str reduction, int vocab_start) -> Tensor");
 }

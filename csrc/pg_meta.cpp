@@ -42,11 +42,39 @@ at::Tensor pg_error_backward_meta(
   return at::empty_symint(logit.sym_sizes(), logit.options());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_meta(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    int64_t /*vocab_start*/) {
+  check_logit_and_action(logit, action);
+  const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
+  const auto shape = action.sym_sizes();
+  return {
+      at::empty_symint(shape, stats), at::empty_symint(shape, stats),
+      at::empty_symint(shape, stats), at::empty_symint(shape, stats)};
+}
+
+at::Tensor pg_grad_from_stats_meta(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction,
+    int64_t /*vocab_start*/) {
+  return pg_error_backward_meta(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pgext, Meta, m) {
   m.impl("pg_error_forward", &pg_error_forward_meta);
   m.impl("pg_error_backward", &pg_error_backward_meta);
+  m.impl("pg_row_stats", &pg_row_stats_meta);
+  m.impl("pg_grad_from_stats", &pg_grad_from_stats_meta);
 }
 
 }  // namespace pgext

@@ -45,5 +45,32 @@ at::Tensor pg_error_backward(
   return op.call(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    int64_t vocab_start) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_row_stats", "")
+                       .typed<decltype(pg_row_stats)>();
+  return op.call(logit, action, vocab_start);
+}
+
+at::Tensor pg_grad_from_stats(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction,
+    int64_t vocab_start) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_grad_from_stats", "")
+                       .typed<decltype(pg_grad_from_stats)>();
+  return op.call(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
+}
+
 }  // namespace ops
 }  // namespace pgext

@@ -34,5 +34,22 @@ at::Tensor pg_error_backward(
     const at::Tensor& entropy,
     c10::string_view reduction);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    int64_t vocab_start);
+
+at::Tensor pg_grad_from_stats(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction,
+    int64_t vocab_start);
+
 }  // namespace ops
 }  // namespace pgext

@@ -15,6 +15,7 @@ namespace {
 
 struct KernelSet {
   ForwardFn forward;
+  RowStatsFn row_stats;
   BackwardFn backward;
   const char* (*name)();
 };
@@ -26,13 +27,13 @@ KernelSet select_kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
   const std::string cap = at::get_cpu_capability();
   if (cap.rfind("AVX512", 0) == 0) {
-    return {&AVX512::forward, &AVX512::backward, &AVX512::name};
+    return {&AVX512::forward, &AVX512::row_stats, &AVX512::backward, &AVX512::name};
   }
   if (cap.rfind("AVX2", 0) == 0) {
-    return {&AVX2::forward, &AVX2::backward, &AVX2::name};
+    return {&AVX2::forward, &AVX2::row_stats, &AVX2::backward, &AVX2::name};
   }
 #endif
-  return {&DEFAULT::forward, &DEFAULT::backward, &DEFAULT::name};
+  return {&DEFAULT::forward, &DEFAULT::row_stats, &DEFAULT::backward, &DEFAULT::name};
 }
 
 // ATen reads the capability (and ATEN_CPU_CAPABILITY) once per process too.
@@ -102,7 +103,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_cpu(
       out.entropy.view(action.sizes())};
 }
 
-at::Tensor pg_error_backward_cpu(
+// The backward of pg_error (vocab_start = 0, every action in range) and of a
+// class shard (pg_grad_from_stats: actions of other shards get no one-hot term
+// and are never used to address memory).
+at::Tensor backward_rows(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,
     const at::Tensor& logit,
@@ -111,12 +115,15 @@ at::Tensor pg_error_backward_cpu(
     const std::optional<at::Tensor>& weight,
     const at::Tensor& lse,
     const at::Tensor& entropy,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    std::optional<int64_t> shard_vocab_start) {
   check_inputs(logit, action, ret, weight);
   const auto red = parse_reduction(reduction);
   check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, red);
   const RowInputs in = flatten_rows(logit, action, ret, weight);
-  check_actions(in);
+  if (!shard_vocab_start.has_value()) {
+    check_actions(in);
+  }
 
   const auto acc = acc_type(logit.scalar_type());
   const double inv_count =
@@ -129,8 +136,53 @@ at::Tensor pg_error_backward_cpu(
       lse.reshape({in.rows}).to(acc).contiguous(),
       entropy.reshape({in.rows}).to(acc).contiguous(),
       inv_count,
+      shard_vocab_start.value_or(0),
       grad_logit);
   return grad_logit.view(logit.sizes());
+}
+
+at::Tensor pg_error_backward_cpu(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction) {
+  return backward_rows(
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, std::nullopt);
+}
+
+at::Tensor pg_grad_from_stats_cpu(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    c10::string_view reduction,
+    int64_t vocab_start) {
+  return backward_rows(
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_cpu(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    int64_t vocab_start) {
+  check_logit_and_action(logit, action);
+  const RowInputs in = flatten_logit_and_action(logit, action);
+  const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
+  ShardRows out{
+      at::empty({in.rows}, stats), at::empty({in.rows}, stats),
+      at::empty({in.rows}, stats), at::empty({in.rows}, stats)};
+  kernels().row_stats(in, vocab_start, out);
+  const auto shape = action.sizes();
+  return {out.max.view(shape), out.sum_exp.view(shape), out.shifted_sum.view(shape), out.action_logit.view(shape)};
 }
 
 }  // namespace
@@ -142,6 +194,8 @@ const char* active_capability() {
 TORCH_LIBRARY_IMPL(pgext, CPU, m) {
   m.impl("pg_error_forward", &pg_error_forward_cpu);
   m.impl("pg_error_backward", &pg_error_backward_cpu);
+  m.impl("pg_row_stats", &pg_row_stats_cpu);
+  m.impl("pg_grad_from_stats", &pg_grad_from_stats_cpu);
 }
 
 }  // namespace cpu

@@ -15,9 +15,22 @@ struct ForwardRows {
   at::Tensor entropy_weighted;  // w * H, before reduction
 };
 
-// grad_policy / grad_entropy: (rows,) in the accumulation dtype, stride 0 or 1.
-// grad_logit: (rows, n) contiguous, in logit's dtype. Actions are in range.
+// Per-row statistics of a shard of classes, all (rows,) in the accumulation
+// dtype (see pgext::pg_row_stats).
+struct ShardRows {
+  at::Tensor max;
+  at::Tensor sum_exp;
+  at::Tensor shifted_sum;
+  at::Tensor action_logit;
+};
+
+// forward: actions are in [0, n). row_stats: the row holds classes
+// [vocab_start, vocab_start + n); other actions read nothing.
+// backward: grad_policy / grad_entropy are (rows,) in the accumulation dtype,
+// stride 0 or 1; grad_logit is (rows, n) contiguous in logit's dtype; the
+// one-hot term applies where action - vocab_start lies in [0, n).
 using ForwardFn = void (*)(const RowInputs& in, ForwardRows& out);
+using RowStatsFn = void (*)(const RowInputs& in, int64_t vocab_start, ShardRows& out);
 using BackwardFn = void (*)(
     const RowInputs& in,
     const at::Tensor& grad_policy,
@@ -25,11 +38,13 @@ using BackwardFn = void (*)(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     double inv_count,
+    int64_t vocab_start,
     at::Tensor& grad_logit);
 
 #define PGEXT_DECLARE_CPU_KERNELS(CAP)                  \
   namespace CAP {                                        \
   void forward(const RowInputs& in, ForwardRows& out);   \
+  void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out); \
   void backward(                                         \
       const RowInputs& in,                               \
       const at::Tensor& grad_policy,                     \
@@ -37,6 +52,7 @@ using BackwardFn = void (*)(
       const at::Tensor& lse,                             \
       const at::Tensor& entropy,                         \
       double inv_count,                                  \
+      int64_t vocab_start,                               \
       at::Tensor& grad_logit);                           \
   const char* name();                                    \
   }

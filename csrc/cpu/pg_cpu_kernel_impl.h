@@ -139,86 +139,93 @@ RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
   return st;
 }
 
-template <typename scalar_t, typename acc_t>
-struct ForwardRowKernel {
-  const scalar_t* logit;
-  int64_t row_stride;
-  int64_t n;
-  int64_t nblocks;
-  const int64_t* action;
-  const acc_t* ret;
-  const acc_t* weight;  // nullptr: weight 1
-  acc_t* lse;
-  acc_t* entropy;
-  acc_t* policy;
-  acc_t* entropy_weighted;
-
-  const scalar_t* row(int64_t r) const {
-    return logit + r * row_stride;
-  }
-
-  RowStats<acc_t> stats_of_block(int64_t r, int64_t b, acc_t* buf) const {
+// Computes the statistics of every row, its blocks merged in block order, and
+// hands them to emit(r, row, stats); emit may run on several threads at once
+// (one row each).
+template <typename scalar_t, typename Emit>
+void for_each_row_stats(const RowInputs& in, const Emit& emit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
+  const int64_t row_stride = in.logit.stride(0);
+  const int64_t n = in.n;
+  const int64_t rows = in.rows;
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const auto row = [&](int64_t r) { return logit + r * row_stride; };
+  const auto stats_of_block = [&](int64_t r, int64_t b, acc_t* buf) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
     return block_stats(load_block(row(r) + start, len, buf), len);
-  }
+  };
 
-  // Folds the statistics of blocks [0, nblocks) of row r, in block order.
-  template <typename BlockStats>
-  void finish(int64_t r, const BlockStats& stats_of) const {
-    RowStats<acc_t> st = math::empty_stats<acc_t>();
-    for (const auto b : c10::irange(nblocks)) {
-      st = math::combine(st, stats_of(b));
-    }
-    const auto res = math::finish_row(st);
-    const acc_t w = weight ? weight[r] : acc_t(1);
-    const acc_t x_a = static_cast<acc_t>(row(r)[action[r]]);
-    lse[r] = res.lse;
-    entropy[r] = res.entropy;
-    policy[r] = math::policy_term(x_a, res.lse, ret[r], w);
-    entropy_weighted[r] = math::entropy_term(res.entropy, w);
-  }
-};
-
-template <typename scalar_t>
-void forward_typed(const RowInputs& in, ForwardRows& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  ForwardRowKernel<scalar_t, acc_t> k;
-  k.logit = in.logit.const_data_ptr<scalar_t>();
-  k.row_stride = in.logit.stride(0);
-  k.n = in.n;
-  k.nblocks = (in.n + kBlock - 1) / kBlock;
-  k.action = in.action.const_data_ptr<int64_t>();
-  k.ret = in.ret.const_data_ptr<acc_t>();
-  k.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  k.lse = out.lse.mutable_data_ptr<acc_t>();
-  k.entropy = out.entropy.mutable_data_ptr<acc_t>();
-  k.policy = out.policy.mutable_data_ptr<acc_t>();
-  k.entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
-  const int64_t rows = in.rows;
-
-  const bool split_rows = k.nblocks > 1 && rows < 4 * at::get_num_threads();
+  const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
   if (!split_rows) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / in.n);
+    const int64_t grain = std::max<int64_t>(1, kGrain / n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock);
+      std::vector<acc_t> buf(kConvert ? kBlock : 0);
       for (const auto r : c10::irange(begin, end)) {
-        k.finish(r, [&](int64_t b) { return k.stats_of_block(r, b, buf.data()); });
+        RowStats<acc_t> st = math::empty_stats<acc_t>();
+        for (const auto b : c10::irange(nblocks)) {
+          st = math::combine(st, stats_of_block(r, b, buf.data()));
+        }
+        emit(r, row(r), st);
       }
     });
     return;
   }
   // Few long rows: block statistics in parallel, then the same ordered merge.
-  std::vector<RowStats<acc_t>> partial(rows * k.nblocks);
-  at::parallel_for(0, rows * k.nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock);
+  std::vector<RowStats<acc_t>> partial(rows * nblocks);
+  at::parallel_for(0, rows * nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(kConvert ? kBlock : 0);
     for (const auto t : c10::irange(begin, end)) {
-      partial[t] = k.stats_of_block(t / k.nblocks, t % k.nblocks, buf.data());
+      partial[t] = stats_of_block(t / nblocks, t % nblocks, buf.data());
     }
   });
   for (const auto r : c10::irange(rows)) {
-    k.finish(r, [&](int64_t b) { return partial[r * k.nblocks + b]; });
+    RowStats<acc_t> st = math::empty_stats<acc_t>();
+    for (const auto b : c10::irange(nblocks)) {
+      st = math::combine(st, partial[r * nblocks + b]);
+    }
+    emit(r, row(r), st);
   }
+}
+
+template <typename scalar_t>
+void forward_typed(const RowInputs& in, ForwardRows& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
+  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
+  acc_t* entropy = out.entropy.mutable_data_ptr<acc_t>();
+  acc_t* policy = out.policy.mutable_data_ptr<acc_t>();
+  acc_t* entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
+  for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
+    const auto res = math::finish_row(st);
+    const acc_t w = weight ? weight[r] : acc_t(1);
+    lse[r] = res.lse;
+    entropy[r] = res.entropy;
+    policy[r] = math::policy_term(static_cast<acc_t>(row[action[r]]), res.lse, ret[r], w);
+    entropy_weighted[r] = math::entropy_term(res.entropy, w);
+  });
+}
+
+template <typename scalar_t>
+void row_stats_typed(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  const int64_t n = in.n;
+  acc_t* max = out.max.mutable_data_ptr<acc_t>();
+  acc_t* sum_exp = out.sum_exp.mutable_data_ptr<acc_t>();
+  acc_t* shifted_sum = out.shifted_sum.mutable_data_ptr<acc_t>();
+  acc_t* action_logit = out.action_logit.mutable_data_ptr<acc_t>();
+  for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
+    max[r] = st.m;
+    sum_exp[r] = st.s;
+    shifted_sum[r] = st.u;
+    const int64_t a = action[r] - vocab_start;
+    action_logit[r] = a >= 0 && a < n ? static_cast<acc_t>(row[a]) : acc_t(0);
+  });
 }
 
 template <typename scalar_t>
@@ -229,6 +236,7 @@ void backward_typed(
     const at::Tensor& lse_t,
     const at::Tensor& entropy_t,
     double inv_count_d,
+    int64_t vocab_start,
     at::Tensor& grad_logit) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -289,7 +297,7 @@ void backward_typed(
       if (i < len) {
         grad_vec(V::loadu(x + i, len - i)).store(g + i, len - i);
       }
-      const int64_t a = action[r] - start;
+      const int64_t a = action[r] - vocab_start - start;
       if (a >= 0 && a < len) {
         g[a] -= c.c_policy;
       }
@@ -306,6 +314,12 @@ void forward(const RowInputs& in, ForwardRows& out) {
       [&] { forward_typed<scalar_t>(in, out); });
 }
 
+void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_row_stats_cpu",
+      [&] { row_stats_typed<scalar_t>(in, vocab_start, out); });
+}
+
 void backward(
     const RowInputs& in,
     const at::Tensor& grad_policy,
@@ -313,10 +327,12 @@ void backward(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     double inv_count,
+    int64_t vocab_start,
     at::Tensor& grad_logit) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
-        backward_typed<scalar_t>(in, grad_policy, grad_entropy, lse, entropy, inv_count, grad_logit);
+        backward_typed<scalar_t>(
+            in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
       });
 }
 

@@ -1,0 +1,69 @@
+// pgext's public C++ API (include/pgext/pgext.h). Part of libpgext, which
+// holds no Python: the calls go through the dispatcher op pgext::pg_error, so
+// C++ callers get the same kernels, autograd and errors as Python's.
+#include "include/pgext/pgext.h"
+#include "pg_ops.h"
+#include "pg_version.h"
+
+#include <c10/util/Exception.h>
+
+#ifndef PGEXT_WITH_CUDA
+#define PGEXT_WITH_CUDA 0
+#endif
+
+namespace pgext {
+
+// From cpu/pg_cpu_kernel.h, which cannot be included here: it brings
+// pg_checks.h, whose internal Reduction enum is the public one's twin.
+namespace cpu {
+const char* active_capability();
+}  // namespace cpu
+
+const char* reduction_name(Reduction reduction) {
+  switch (reduction) {
+    case Reduction::Mean:
+      return "mean";
+    case Reduction::Sum:
+      return "sum";
+    case Reduction::None:
+      return "none";
+  }
+  TORCH_CHECK_VALUE(
+      false, "pgext::pg_error: reduction must be Reduction::Mean, Sum or None, got the value ",
+      static_cast<int64_t>(reduction));
+}
+
+PgLoss pg_error(const PgData& data, const PgOptions& options) {
+  // Undefined tensors would reach the dispatcher with no key to dispatch on.
+  TORCH_CHECK_VALUE(
+      data.logit.defined() && data.action.defined() && data.return_.defined(),
+      "pg_error: logit, action and return_ must be tensors");
+  const char* reduction = reduction_name(options.reduction);
+  // An empty optional and an optional holding an undefined tensor both mean
+  // "no weight"; the op sees None either way.
+  const std::optional<at::Tensor> weight =
+      options.weight.has_value() && options.weight->defined() ? options.weight : std::nullopt;
+  auto [policy_loss, entropy_loss] =
+      ops::pg_error(data.logit, data.action, data.return_, weight, reduction);
+  return {std::move(policy_loss), std::move(entropy_loss)};
+}
+
+const char* version() {
+  return PGEXT_VERSION;
+}
+
+bool cuda_compiled() {
+  return PGEXT_WITH_CUDA != 0;
+}
+
+const char* cpu_capability() {
+  return cpu::active_capability();
+}
+
+namespace detail {
+int64_t link_anchor() noexcept {
+  return 1;
+}
+}  // namespace detail
+
+}  // namespace pgext

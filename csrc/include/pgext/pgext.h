@@ -1,0 +1,96 @@
+#pragma once
+// pgext's C++ API: the policy-gradient loss and entropy bonus of a categorical
+// policy in one fused op, for programs linking libtorch (no Python needed).
+//
+//   #include <pgext/pgext.h>
+//
+//   pgext::PgLoss loss = pgext::pg_error({logit, action, return_});
+//   (loss.policy_loss - 0.01 * loss.entropy_loss).backward();  // fills logit.grad()
+//
+// pgext::pg_error calls the dispatcher op pgext::pg_error, the very op that
+// Python's pgext.pg_error and torch.ops.pgext.pg_error call: same kernels
+// (CPU, and CUDA when libpgext was built with them), same C++ autograd, same
+// errors (c10::ValueError, c10::TypeError, c10::IndexError, all c10::Error).
+//
+// CMake:  find_package(pgext CONFIG REQUIRED)
+//         target_link_libraries(app PRIVATE pgext::pgext)
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+#if defined(_WIN32)
+#if defined(PGEXT_BUILDING_LIBRARY)
+#define PGEXT_API __declspec(dllexport)
+#else
+#define PGEXT_API __declspec(dllimport)
+#endif
+#else
+#define PGEXT_API __attribute__((visibility("default")))
+#endif
+
+namespace pgext {
+
+// The notebook's pg_data: logits (..., N) of any floating dtype, integer
+// actions of shape logit.shape[:-1], and returns of exactly the actions' shape.
+struct PgData {
+  at::Tensor logit;
+  at::Tensor action;
+  at::Tensor return_;
+};
+
+// The notebook's pg_loss: policy_loss = -(return_ * log_prob(action)) and
+// entropy_loss = entropy, each reduced (or per-sample for Reduction::None).
+struct PgLoss {
+  at::Tensor policy_loss;
+  at::Tensor entropy_loss;
+};
+
+// How the per-sample terms are reduced. The values are those of the library's
+// internal enum (csrc/pg_checks.h); keep the two definitions token-identical.
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+// Options of pg_error. An aggregate, so C++20 designated initializers read
+// like Python's keywords:  pgext::pg_error(data, {.weight = w, .reduction = pgext::Reduction::Sum})
+struct PgOptions {
+  // Per-sample weight (or mask) of the actions' shape, multiplying each
+  // sample's policy and entropy terms. Differentiable.
+  std::optional<at::Tensor> weight = std::nullopt;
+  Reduction reduction = Reduction::Mean;
+};
+
+// Policy-gradient loss and entropy of a categorical policy; differentiable
+// with respect to logit, return_ and weight. Throws c10::TypeError (dtypes),
+// c10::ValueError (shapes, devices, options) and c10::IndexError (an action
+// outside [0, N)).
+PGEXT_API PgLoss pg_error(const PgData& data, const PgOptions& options = {});
+
+// "mean", "sum" or "none": the reduction argument of the dispatcher op.
+PGEXT_API const char* reduction_name(Reduction reduction);
+
+// Build information of the libpgext that is loaded.
+PGEXT_API const char* version();        // PGEXT_VERSION of the library, e.g. "0.1.0"
+PGEXT_API bool cuda_compiled();         // were the CUDA kernels compiled in?
+PGEXT_API const char* cpu_capability();  // CPU kernel build in use: DEFAULT, AVX2 or AVX512
+
+namespace detail {
+// Defined in libpgext; does nothing but exist (returns 1).
+PGEXT_API int64_t link_anchor() noexcept;
+
+// Why this exists: the ops are registered by static initializers inside
+// libpgext (TORCH_LIBRARY). A program that reaches them only through the
+// dispatcher (torch::jit::load of a scripted module, torch.ops) references no
+// symbol of libpgext, so a linker running with --as-needed (the default of
+// many distributions' GCC) drops it from DT_NEEDED, the library never loads
+// and the op is "not found" at run time. Every translation unit including
+// this header defines this inline variable, whose dynamic initializer calls
+// an exported function of libpgext: the reference is in the object file
+// whatever the linker flags or the build system (CMake or not), and the
+// library is loaded, its registrations run, before main(). An
+// INTERFACE_LINK_OPTIONS "-Wl,--no-as-needed" on the CMake target would only
+// help CMake users, and only where the option lands before libpgext on the
+// link line; this does not depend on either.
+[[maybe_unused]] inline const int64_t library_loaded = link_anchor();
+}  // namespace detail
+
+}  // namespace pgext

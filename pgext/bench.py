@@ -1,0 +1,234 @@
+"""Benchmark of pgext's fused policy-gradient loss + entropy bonus.
+
+Run ``python -m pgext.bench --help`` for the options.  The measuring itself
+happens in one worker subprocess per page-fault mode (``--thp``), because
+PyTorch reads THP_MEM_ALLOC_ENABLE only when torch is imported; this process
+only launches the workers, then prints/saves/plots what they return.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import List, Tuple
+
+DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = (
+    (64, 2),
+    (256, 18),
+    (4096, 18),
+    (4096, 1000),
+    (2048, 32000),
+    (512, 151936),
+)
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+DESCRIPTION = """\
+Times pg_error(pg_data(logit, action, return_)) forward + backward, i.e.
+    loss = pg_error(pg_data(logit, action, return_))
+    (loss.policy_loss - 0.01 * loss.entropy_loss).backward()
+for four implementations, per shape (rows x N):
+  pgext       the compiled extension (from pgext import pg_error, pg_data)
+  reference   pgext.reference.pg_error (torch.distributions.Categorical)
+  compiled    torch.compile(reference), compiled once per shape, untimed
+  exp         floor: torch.exp(logit) forward only (one exp per logit,
+              one logit-sized output)
+Inputs: logit ~ randn (requires_grad), action int64 in [0, N), return_ ~ randn.
+Each implementation is warmed up, then timed in interleaved rounds so machine
+noise hits all alike; the number of calls is chosen so each implementation
+runs about --target-time seconds per shape (at least 3 calls).  Medians and
+minimums are reported in ms, with the ratios reference/pgext,
+compiled/pgext and pgext/exp, and PASS/MISS against the project's targets
+(informational, never fails the run).
+
+Memory: the bytes autograd saves for backward (unique storages seen by
+torch.autograd.graph.saved_tensors_hooks, the inputs logit/action/return_
+excluded), per row, and as a multiple of logit's size.
+
+Page faults (CPU): a fresh large tensor pays 4 KiB page faults unless
+THP_MEM_ALLOC_ENABLE=1 (PyTorch then backs large allocations with 2 MiB
+transparent huge pages).  The variable only counts before torch is imported,
+so each mode runs in its own subprocess; --thp both (default) prints a table
+per mode and a comparison.
+
+The markdown tables go to stdout (copy-pastable); progress goes to stderr."""
+
+EPILOG = """\
+examples:
+  python -m pgext.bench                            # default shapes, THP off and on
+  python -m pgext.bench --shapes 64x2,4096x1000 --thp off --no-compile
+  python -m pgext.bench --threads 1 --json bench_results.json --plot bench.png
+  python -m pgext.bench --device cuda --dtype bfloat16
+
+The full default run (6 shapes, both THP modes, with torch.compile) takes
+several minutes on a small CPU machine, mostly compiling and timing the
+reference at the two largest shapes."""
+
+
+def _shapes(text: str) -> List[Tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            rows, n = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}: expected ROWSxN, e.g. 4096x1000") from None
+        if rows < 1 or n < 1:
+            raise argparse.ArgumentTypeError(f"bad shape {item!r}: rows and N must be positive")
+        shapes.append((rows, n))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pgext.bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--shapes", type=_shapes, default=list(DEFAULT_SHAPES), metavar="RxN[,RxN...]",
+        help="comma-separated rows x N (default: %s)" % ",".join(f"{r}x{n}" for r, n in DEFAULT_SHAPES),
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="logit/return_ dtype (default: float32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu, or cuda (timed with CUDA events; skipped with a message if there is no GPU)")
+    p.add_argument("--threads", type=_positive(int), default=None, metavar="N",
+                   help="torch.set_num_threads(N) in the workers (default: torch's own choice)")
+    p.add_argument("--thp", choices=("on", "off", "both"), default="both",
+                   help="THP_MEM_ALLOC_ENABLE=1 (on), unset (off), or one run of each (default: both)")
+    p.add_argument("--repeat", type=_positive(int), default=None, metavar="N",
+                   help="timed calls per implementation per shape (default: auto, see --target-time)")
+    p.add_argument("--target-time", type=_positive(float), default=0.75, metavar="S",
+                   help="seconds of timed calls per implementation per shape when --repeat is not given "
+                        "(default: 0.75)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
+    p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
+    p.add_argument("--plot", metavar="PATH.png",
+                   help="plot ns per element against N (log-x), a panel per THP mode (needs matplotlib)")
+    p.add_argument("--_worker-out", dest="worker_out", help=argparse.SUPPRESS)
+    return p
+
+
+def _config(args, thp: str) -> dict:
+    return dict(
+        shapes=[list(s) for s in args.shapes],
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        thp=thp,
+        repeat=args.repeat,
+        target_time=args.target_time,
+        compile=not args.no_compile,
+    )
+
+
+def _worker(args) -> int:
+    from . import _bench_measure
+
+    result = _bench_measure.run(_config(args, args.thp))
+    Path(args.worker_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _launch(args, mode: str, out: str) -> int:
+    cmd = [sys.executable, "-m", "pgext.bench", "--thp", mode, "--_worker-out", out,
+           "--shapes", ",".join(f"{r}x{n}" for r, n in args.shapes),
+           "--dtype", args.dtype, "--device", args.device, "--target-time", str(args.target_time)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.repeat:
+        cmd += ["--repeat", str(args.repeat)]
+    if args.no_compile:
+        cmd.append("--no-compile")
+    env = dict(os.environ)
+    env.pop(THP_ENV, None)
+    if mode == "on":
+        env[THP_ENV] = "1"
+    # the worker must import this very checkout of pgext
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return subprocess.run(cmd, env=env, stdout=sys.stderr).returncode
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.worker_out:
+        return _worker(args)
+
+    import torch  # already loaded by the pgext package; only for the device check
+
+    from . import _bench_report
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("pgext.bench: --device cuda but no CUDA device is available "
+              "(torch.cuda.is_available() is False); nothing measured.", file=sys.stderr)
+        return 0
+    modes = ["off", "on"] if args.thp == "both" else [args.thp]
+    if args.device == "cuda" and args.thp == "both":
+        print("pgext.bench: THP only affects CPU memory; --device cuda runs once (THP off).",
+              file=sys.stderr)
+        modes = ["off"]
+
+    results, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="pgext-bench-") as tmp:
+        for mode in modes:
+            out = os.path.join(tmp, f"thp-{mode}.json")
+            rc = _launch(args, mode, out)
+            if rc != 0 or not os.path.exists(out):
+                print(f"pgext.bench: the THP {mode} worker failed (exit status {rc}).", file=sys.stderr)
+                failed.append(mode)
+                continue
+            results.append(json.loads(Path(out).read_text()))
+    if not results:
+        return 1
+
+    cfg = _config(args, args.thp)
+    sections = [_bench_report.mode_report(m, cfg) for m in results]
+    comparison = _bench_report.thp_comparison(results)
+    if comparison:
+        sections.append(comparison)
+    print("\n".join(sections))
+
+    if args.json:
+        doc = dict(
+            benchmark="pgext.bench",
+            argv=sys.argv[1:] if argv is None else list(argv),
+            config=cfg,
+            environment=results[0]["environment"],
+            targets=[t._asdict() for t in __import__("pgext._bench_targets", fromlist=["TARGETS"]).TARGETS],
+            modes=results,
+        )
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        print(f"pgext.bench: wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        try:
+            _bench_report.plot(results, cfg, args.plot)
+            print(f"pgext.bench: wrote {args.plot}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"pgext.bench: --plot needs matplotlib ({exc}); "
+                  "pip install -r requirements/bench.txt", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
