@@ -1,5 +1,7 @@
 # pgext: `make demo` (train an agent with pgext) and `make test` (the full
 # suite) do all set-up on a fresh machine: they create and reuse .venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,9 +27,11 @@ $(DEPS_STAMP): $(REQUIREMENTS) Makefile | $(PY)
 	touch $@
 
 # Incremental (ninja) in-place build of pgext._C; CUDA kernels too when a CUDA
-# toolkit is found (no GPU needed).
+# toolkit is found (no GPU needed). The compiler output is kept in
+# build/build_ext.log: the tests check it for warnings from pgext's sources.
 build: $(DEPS_STAMP)
-	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build
+	$(PY) setup.py --quiet build_ext --inplace 2>&1 | tee build/build_ext.log
 
 demo: build
 	$(PY) -m pgext.demo

@@ -14,7 +14,9 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
-CXX_FLAGS = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+# -Wno-psabi: GCC notes that passing at::vec's 32/64-byte vectors by value
+# changed ABI in GCC 4.6; every caller is compiled with this compiler.
+CXX_FLAGS = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 # sm_80 (A100) and sm_90 (H100) plus PTX so newer GPUs JIT-compile the kernels.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
@@ -25,9 +27,18 @@ def version() -> str:
     return re.search(r'#define PGEXT_VERSION "([^"]+)"', text).group(1)
 
 
+def _isa_specific(path: Path) -> bool:
+    return path.name.startswith("kernel_") and path.name != "kernel_default.cpp"
+
+
 def cpu_sources() -> List[str]:
-    """Every C++ source of the extension, the pybind11 module included."""
-    files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
+    """Every C++ source of the extension, the pybind11 module included.
+
+    The AVX2 / AVX-512 kernel files come last: an inline function that several
+    files instantiate is linked once, from the first object that has it, and
+    that copy must be the portable one, not one compiled for AVX-512.
+    """
+    files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"), key=lambda f: (_isa_specific(f), f.name))
     return [str(f) for f in files]
 
 

@@ -159,9 +159,10 @@ def upstream_grads(out, upstream, seed: int = 1234):
         vals = []
         for o in out:
             v = (torch.randn(o.shape, generator=g, dtype=torch.float64) * 1.5).clamp(-4, 4)
-            vals.append(((v * 64).round() / 64).to(o.dtype))  # exact in every float dtype
+            vals.append(((v * 64).round() / 64).to(device=o.device, dtype=o.dtype))  # exact in every float dtype
         return vals
-    return [None if u is None else torch.full(o.shape, u, dtype=o.dtype) for o, u in zip(out, upstream)]
+    return [None if u is None else torch.full(o.shape, u, dtype=o.dtype, device=o.device)
+            for o, u in zip(out, upstream)]
 
 
 def evaluate(fn, inp: Inputs, *, reduction="mean", wrt=("logit", "return_", "weight"), upstream=None,
@@ -194,7 +195,7 @@ def evaluate(fn, inp: Inputs, *, reduction="mean", wrt=("logit", "return_", "wei
     used = (None, None)
     if leaves:
         ups = upstream_grads(out, upstream, seed)
-        used = tuple(None if u is None else u.double() for u in ups)
+        used = tuple(None if u is None else u.double().cpu() for u in ups)
         # an output that depends on none of the leaves (entropy when only return_ requires
         # grad) may legitimately not require grad: it contributes nothing
         pairs = [(o, u) for o, u in zip(out, ups) if u is not None and o.requires_grad]

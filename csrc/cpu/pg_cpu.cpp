@@ -1,5 +1,6 @@
-// CPU kernels of pgext's ops: input preparation, the run-time choice of the
-// kernel build for this CPU, and the deterministic batch reduction.
+// CPU backend of pgext's ops: the run-time choice of the kernel build for this
+// CPU, the host-side action check and the deterministic batch reduction; the
+// host side shared with CUDA is in pg_backend_ops.h.
 #include "pg_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -67,7 +68,7 @@ double ordered_sum(const at::Tensor& rows) {
   return total;
 }
 
-at::Tensor reduce(const at::Tensor& rows, Reduction red, at::IntArrayRef shape, at::ScalarType dtype) {
+at::Tensor reduce_rows(const at::Tensor& rows, Reduction red, at::IntArrayRef shape, at::ScalarType dtype) {
   if (red == Reduction::None) {
     return rows.view(shape).to(dtype);
   }
@@ -78,112 +79,46 @@ at::Tensor reduce(const at::Tensor& rows, Reduction red, at::IntArrayRef shape, 
   return at::scalar_tensor(total, rows.options().dtype(dtype));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_cpu(
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
-  check_inputs(logit, action, ret, weight);
-  const auto red = parse_reduction(reduction);
-  const RowInputs in = flatten_rows(logit, action, ret, weight);
-  check_actions(in);
+// The CPU backend of BackendOps (pg_backend_ops.h).
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
 
-  const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
-  ForwardRows out{
-      at::empty({in.rows}, stats), at::empty({in.rows}, stats),
-      at::empty({in.rows}, stats), at::empty({in.rows}, stats)};
-  kernels().forward(in, out);
-
-  const auto dtype = loss_type(logit, ret, weight);
-  return {
-      reduce(out.policy, red, action.sizes(), dtype),
-      reduce(out.entropy_weighted, red, action.sizes(), dtype),
-      out.lse.view(action.sizes()),
-      out.entropy.view(action.sizes())};
-}
-
-// The backward of pg_error (vocab_start = 0, every action in range) and of a
-// class shard (pg_grad_from_stats: actions of other shards get no one-hot term
-// and are never used to address memory).
-at::Tensor backward_rows(
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    c10::string_view reduction,
-    std::optional<int64_t> shard_vocab_start) {
-  check_inputs(logit, action, ret, weight);
-  const auto red = parse_reduction(reduction);
-  check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, red);
-  const RowInputs in = flatten_rows(logit, action, ret, weight);
-  if (!shard_vocab_start.has_value()) {
-    check_actions(in);
+  static void check_actions(const RowInputs& in) {
+    cpu::check_actions(in);
   }
 
-  const auto acc = acc_type(logit.scalar_type());
-  const double inv_count =
-      red == Reduction::Mean && in.rows > 0 ? 1.0 / static_cast<double>(in.rows) : 1.0;
-  at::Tensor grad_logit = at::empty({in.rows, in.n}, logit.options());
-  kernels().backward(
-      in,
-      rows_of_grad(grad_policy, in.rows, acc),
-      rows_of_grad(grad_entropy, in.rows, acc),
-      lse.reshape({in.rows}).to(acc).contiguous(),
-      entropy.reshape({in.rows}).to(acc).contiguous(),
-      inv_count,
-      shard_vocab_start.value_or(0),
-      grad_logit);
-  return grad_logit.view(logit.sizes());
-}
+  static void forward(const RowInputs& in, ForwardRows& out) {
+    kernels().forward(in, out);
+  }
 
-at::Tensor pg_error_backward_cpu(
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    c10::string_view reduction) {
-  return backward_rows(
-      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, std::nullopt);
-}
+  static void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
+    kernels().row_stats(in, vocab_start, out);
+  }
 
-at::Tensor pg_grad_from_stats_cpu(
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    c10::string_view reduction,
-    int64_t vocab_start) {
-  return backward_rows(
-      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
-}
+  static void backward(
+      const RowInputs& in,
+      const at::Tensor& grad_policy,
+      const at::Tensor& grad_entropy,
+      const at::Tensor& lse,
+      const at::Tensor& entropy,
+      double inv_count,
+      std::optional<int64_t> shard_vocab_start,
+      at::Tensor& grad_logit) {
+    kernels().backward(
+        in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start.value_or(0), grad_logit);
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_cpu(
-    const at::Tensor& logit,
-    const at::Tensor& action,
-    int64_t vocab_start) {
-  check_logit_and_action(logit, action);
-  const RowInputs in = flatten_logit_and_action(logit, action);
-  const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
-  ShardRows out{
-      at::empty({in.rows}, stats), at::empty({in.rows}, stats),
-      at::empty({in.rows}, stats), at::empty({in.rows}, stats)};
-  kernels().row_stats(in, vocab_start, out);
-  const auto shape = action.sizes();
-  return {out.max.view(shape), out.sum_exp.view(shape), out.shifted_sum.view(shape), out.action_logit.view(shape)};
-}
+  static std::pair<at::Tensor, at::Tensor> reduce(
+      const at::Tensor& policy,
+      const at::Tensor& entropy_weighted,
+      Reduction red,
+      at::IntArrayRef shape,
+      at::ScalarType dtype) {
+    return {reduce_rows(policy, red, shape, dtype), reduce_rows(entropy_weighted, red, shape, dtype)};
+  }
+};
 
 }  // namespace
 
@@ -192,10 +127,7 @@ const char* active_capability() {
 }
 
 TORCH_LIBRARY_IMPL(pgext, CPU, m) {
-  m.impl("pg_error_forward", &pg_error_forward_cpu);
-  m.impl("pg_error_backward", &pg_error_backward_cpu);
-  m.impl("pg_row_stats", &pg_row_stats_cpu);
-  m.impl("pg_grad_from_stats", &pg_grad_from_stats_cpu);
+  PGEXT_REGISTER_BACKEND_OPS(m, CpuBackend);
 }
 
 }  // namespace cpu

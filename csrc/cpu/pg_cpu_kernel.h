@@ -2,27 +2,10 @@
 // The CPU kernels of pg_error. pg_cpu_kernel_impl.h is compiled once per CPU
 // capability (kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp), each
 // into its own namespace, and pg_cpu.cpp picks one at run time as ATen does.
-#include "../pg_checks.h"
+#include "../pg_backend_ops.h"
 
 namespace pgext {
 namespace cpu {
-
-// Per-row outputs of the forward kernel, all (rows,) in the accumulation dtype.
-struct ForwardRows {
-  at::Tensor lse;      // log-sum-exp: saved for backward
-  at::Tensor entropy;  // entropy: saved for backward
-  at::Tensor policy;   // -w * R * log_prob, before reduction
-  at::Tensor entropy_weighted;  // w * H, before reduction
-};
-
-// Per-row statistics of a shard of classes, all (rows,) in the accumulation
-// dtype (see pgext::pg_row_stats).
-struct ShardRows {
-  at::Tensor max;
-  at::Tensor sum_exp;
-  at::Tensor shifted_sum;
-  at::Tensor action_logit;
-};
 
 // forward: actions are in [0, n). row_stats: the row holds classes
 // [vocab_start, vocab_start + n); other actions read nothing.

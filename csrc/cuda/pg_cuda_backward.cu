@@ -44,6 +44,8 @@ struct BackwardArgs {
   const acc_t* lse;
   const acc_t* entropy;
   acc_t inv_count;
+  int64_t vocab_start;  // first class of the row (0 unless a shard)
+  bool shard;           // actions outside the row are legal (no one-hot term)
   scalar_t* grad;  // (rows, n) contiguous
   int group;       // threads per row part, a power of two dividing the block
   int64_t splits;  // parts per row
@@ -59,16 +61,16 @@ __device__ __forceinline__ void backward_row(
   using P = Pack<scalar_t>;
   constexpr int V = P::kVec;
   const int64_t n = p.n;
-  const int64_t a = p.action[r];
+  const int64_t a = p.action[r] - p.vocab_start;
   const bool in_range = a >= 0 && a < n;
-  if (reports) {
+  if (reports && !p.shard) {
     CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
   }
   const acc_t w = p.weight != nullptr ? p.weight[r] : acc_t(1);
   auto c = math::grad_coef(
       p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r], w,
       p.entropy[r], p.inv_count);
-  if (!in_range) {
+  if (!in_range && !p.shard) {
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
     c.c_entropy = c.k;
   }
@@ -144,6 +146,7 @@ void backward_typed(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     double inv_count,
+    std::optional<int64_t> shard_vocab_start,
     at::Tensor& grad_logit) {
   using acc_t = at::opmath_type<scalar_t>;
   BackwardArgs<scalar_t, acc_t> p;
@@ -161,6 +164,8 @@ void backward_typed(
   p.lse = lse.const_data_ptr<acc_t>();
   p.entropy = entropy.const_data_ptr<acc_t>();
   p.inv_count = static_cast<acc_t>(inv_count);
+  p.vocab_start = shard_vocab_start.value_or(0);
+  p.shard = shard_vocab_start.has_value();
   p.grad = grad_logit.mutable_data_ptr<scalar_t>();
 
   constexpr int V = Pack<scalar_t>::kVec;
@@ -188,13 +193,15 @@ void launch_backward(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     double inv_count,
+    std::optional<int64_t> shard_vocab_start,
     at::Tensor& grad_logit) {
   if (in.rows == 0) {
     return;  // nothing to write; no zero-size grid
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cuda", [&] {
-        backward_typed<scalar_t>(in, grad_policy, grad_entropy, lse, entropy, inv_count, grad_logit);
+        backward_typed<scalar_t>(
+            in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start, grad_logit);
       });
 }
 

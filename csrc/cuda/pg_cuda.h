@@ -6,30 +6,30 @@
 // Every launcher enqueues on the current stream of the current device (the
 // caller holds a CUDAGuard on the logits' device), never synchronizes and
 // launches nothing when there is nothing to do.
-#include "../pg_checks.h"
+#include "../pg_backend_ops.h"
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace pgext {
 namespace cuda {
-
-// Per-row outputs of the forward kernel, all (rows,) contiguous in the
-// accumulation dtype (float32; float64 for float64 logits).
-struct ForwardRows {
-  at::Tensor lse;               // log-sum-exp: saved for backward
-  at::Tensor entropy;           // entropy: saved for backward
-  at::Tensor policy;            // -w * R * log_prob, before reduction
-  at::Tensor entropy_weighted;  // w * H, before reduction
-};
 
 // pg_cuda_forward.cu: one pass over the logits, one warp (or part of one) per
 // row of N <= kShortRow logits, one block per longer row.
 void launch_forward(const RowInputs& in, ForwardRows& out);
 
+// pg_cuda_forward.cu: the forward pass of launch_forward, writing the raw
+// statistics of classes [vocab_start, vocab_start + n) instead of the losses.
+void launch_row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out);
+
 // pg_cuda_backward.cu: one read of the logits and one write of grad_logit,
 // (rows, n) contiguous in the logits' dtype. grad_policy / grad_entropy are
 // (rows,) in the accumulation dtype with stride 0 or 1; lse / entropy are
-// (rows,) contiguous in the accumulation dtype.
+// (rows,) contiguous in the accumulation dtype. Without a shard (pg_error)
+// every action must lie in [0, n) (a device-side assert checks it); with
+// `shard_vocab_start` the row holds classes [vocab_start, vocab_start + n) and
+// an action outside them adds no one-hot term.
 void launch_backward(
     const RowInputs& in,
     const at::Tensor& grad_policy,
@@ -37,6 +37,7 @@ void launch_backward(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     double inv_count,
+    std::optional<int64_t> shard_vocab_start,
     at::Tensor& grad_logit);
 
 // pg_cuda_reduce.cu: the two losses from the per-row terms: 'none' casts them

@@ -1,0 +1,61 @@
+// CUDA backend of pgext's ops: the host side shared with the CPU backend
+// (pg_backend_ops.h) around the launchers of pg_cuda_forward.cu,
+// pg_cuda_backward.cu and pg_cuda_reduce.cu. Same semantics, output dtypes
+// and shapes as on CPU.
+//
+// Nothing here synchronizes with the device or depends on tensor data, so
+// forward and backward can be captured in a CUDA graph. Out-of-range actions
+// are caught by a device-side assert in the kernels (as nll_loss does), not by
+// a host-side check that would need a synchronization.
+#include "pg_cuda.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace pgext {
+namespace cuda {
+namespace {
+
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+
+  static void check_actions(const RowInputs&) {}  // on the device, in the kernels
+
+  static void forward(const RowInputs& in, ForwardRows& out) {
+    launch_forward(in, out);
+  }
+
+  static void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
+    launch_row_stats(in, vocab_start, out);
+  }
+
+  static void backward(
+      const RowInputs& in,
+      const at::Tensor& grad_policy,
+      const at::Tensor& grad_entropy,
+      const at::Tensor& lse,
+      const at::Tensor& entropy,
+      double inv_count,
+      std::optional<int64_t> shard_vocab_start,
+      at::Tensor& grad_logit) {
+    launch_backward(in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start, grad_logit);
+  }
+
+  static std::pair<at::Tensor, at::Tensor> reduce(
+      const at::Tensor& policy,
+      const at::Tensor& entropy_weighted,
+      Reduction red,
+      at::IntArrayRef shape,
+      at::ScalarType dtype) {
+    return reduce_losses(policy, entropy_weighted, red, shape, dtype);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pgext, CUDA, m) {
+  PGEXT_REGISTER_BACKEND_OPS(m, CudaBackend);
+}
+
+}  // namespace cuda
+}  // namespace pgext

@@ -1,0 +1,62 @@
+"""`make demo`'s training loop (python -m pgext.demo), run for a few episodes."""
+import math
+
+import pytest
+
+gym = pytest.importorskip("gymnasium")
+
+from pgext import demo  # noqa: E402
+
+
+def _short(**kw):
+    kw.setdefault("episodes", 8)
+    return demo.Config(progress=False, **kw)
+
+
+def test_training_loop_runs_and_times_both_implementations():
+    result = demo.train(_short(seed=3))
+    assert result.episodes == 8
+    assert result.updates == 2  # 4 episodes per update
+    assert result.loss_name == "pgext" and result.shadow_name == "reference"
+    assert all(math.isfinite(v) for losses in result.losses for v in losses)
+    assert all(r >= 1 for r in result.returns)  # CartPole pays 1 per step survived
+    assert result.loss_s > 0 and result.shadow_s > 0 and result.wall_s >= result.loss_s
+    assert not result.solved
+
+
+def test_same_seed_same_first_losses():
+    a = demo.train(_short(seed=11, episodes=4))
+    b = demo.train(_short(seed=11, episodes=4))
+    assert a.returns == b.returns
+    assert a.first_losses == b.first_losses
+    c = demo.train(_short(seed=12, episodes=4))
+    assert c.returns != a.returns or c.first_losses != a.first_losses
+
+
+def test_reference_mode_trains_with_the_reference():
+    result = demo.train(_short(seed=3, reference=True, episodes=4))
+    assert result.loss_name == "reference" and result.shadow_name == "pgext"
+    # the same seed and the same math: the first update's losses agree with pgext's run
+    ours = demo.train(_short(seed=3, episodes=4))
+    assert result.returns == ours.returns
+    for a, b in zip(result.first_losses, ours.first_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_stops_at_target():
+    result = demo.train(_short(seed=0, episodes=50, target=10.0))
+    assert result.solved and result.solved_at == result.episodes == result.config.window
+
+
+def test_cli_writes_summary_and_plot(tmp_path, capsys):
+    png = tmp_path / "curve.png"
+    result = demo.main(["--episodes", "5", "--seed", "1", "--plot", str(png), "--no-progress"])
+    out = capsys.readouterr().out
+    assert result.episodes == 5
+    assert "not solved after 5 episodes" in out and "reference/pgext" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_options():
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--episodes", "0"])
