@@ -39,8 +39,9 @@ demo: build
 test: build
 	$(PY) -m pytest tests -ra
 
+# The README's table and plot: benchmarks/cpu_2core.{md,json,png}.
 bench: build
-	$(PY) -m pgext.bench
+	$(PY) -m pgext.bench --json benchmarks/cpu_2core.json --plot benchmarks/cpu_2core.png | tee benchmarks/cpu_2core.md
 
 clean:
 	rm -rf build pgext/_C*.so pgext/*.so

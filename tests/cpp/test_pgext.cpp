@@ -1,0 +1,263 @@
+// C++ tests of libpgext through its public header, built with CMake against an
+// installed pgext (find_package(pgext)). Expected values are computed here, in
+// double precision, from the definitions (log-softmax, entropy and their
+// derivatives), never by pgext.
+//
+//   pgext_cpp_tests values|grads|errors|info        one group of checks
+//   pgext_cpp_tests script <module.pt>              a TorchScript module saved
+//                                                   by Python that calls
+//                                                   torch.ops.pgext.pg_error
+#include <pgext/pgext.h>
+
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+int g_passed = 0;
+int g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::cerr << "FAILED: " << what << "\n";
+  }
+}
+
+void check_close(double got, double want, double tol, const std::string& what) {
+  const bool ok = std::abs(got - want) <= tol * (1.0 + std::abs(want));
+  check(ok, what + ": got " + std::to_string(got) + ", want " + std::to_string(want));
+}
+
+// The notebook's math for one row, in double: log p_j, entropy.
+struct RowRef {
+  std::vector<double> logp;
+  double entropy = 0;
+};
+
+RowRef row_reference(const std::vector<double>& x) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (double v : x) m = std::max(m, v);
+  double s = 0;
+  for (double v : x) s += std::exp(v - m);
+  RowRef r;
+  const double lse = m + std::log(s);
+  for (double v : x) {
+    r.logp.push_back(v - lse);
+    const double p = std::exp(v - lse);
+    if (p > 0) r.entropy -= p * (v - lse);
+  }
+  return r;
+}
+
+std::vector<double> row_of(const torch::Tensor& logit, int64_t i) {
+  auto row = logit[i].to(torch::kDouble).contiguous();
+  return std::vector<double>(row.data_ptr<double>(), row.data_ptr<double>() + row.numel());
+}
+
+struct Case {
+  torch::Tensor logit, action, ret, weight;
+};
+
+Case make_case(int64_t rows, int64_t n, bool masked) {
+  torch::manual_seed(1234 + rows * 7 + n);
+  Case c;
+  c.logit = torch::randn({rows, n}) * 2;
+  c.action = torch::randint(0, n, {rows}, torch::kLong);
+  c.ret = torch::randn({rows});
+  c.weight = torch::rand({rows}) + 0.5;
+  if (masked) {
+    // Mask every third class but never the action.
+    auto a = c.action.accessor<int64_t, 1>();
+    auto x = c.logit.accessor<float, 2>();
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < n; j += 3) {
+        if (j != a[i]) x[i][j] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+  return c;
+}
+
+void test_values() {
+  for (bool masked : {false, true}) {
+    const Case c = make_case(6, 11, masked);
+    const std::string tag = masked ? " (masked)" : "";
+    auto a = c.action.accessor<int64_t, 1>();
+    auto R = c.ret.accessor<float, 1>();
+    auto W = c.weight.accessor<float, 1>();
+    double pol_mean = 0, ent_mean = 0, pol_wsum = 0, ent_wsum = 0;
+    std::vector<double> pol_rows, ent_rows;
+    for (int64_t i = 0; i < 6; ++i) {
+      const RowRef r = row_reference(row_of(c.logit, i));
+      const double pol = -R[i] * r.logp[a[i]];
+      pol_rows.push_back(pol * W[i]);
+      ent_rows.push_back(r.entropy * W[i]);
+      pol_mean += pol / 6;
+      ent_mean += r.entropy / 6;
+      pol_wsum += pol * W[i];
+      ent_wsum += r.entropy * W[i];
+    }
+    const pgext::PgLoss mean = pgext::pg_error({c.logit, c.action, c.ret});
+    check(mean.policy_loss.dim() == 0 && mean.policy_loss.scalar_type() == torch::kFloat, "mean is a float 0-d tensor");
+    check_close(mean.policy_loss.item<double>(), pol_mean, 1e-5, "policy_loss mean" + tag);
+    check_close(mean.entropy_loss.item<double>(), ent_mean, 1e-5, "entropy_loss mean" + tag);
+
+    const pgext::PgLoss sum =
+        pgext::pg_error({c.logit, c.action, c.ret}, {.weight = c.weight, .reduction = pgext::Reduction::Sum});
+    check_close(sum.policy_loss.item<double>(), pol_wsum, 1e-5, "weighted policy_loss sum" + tag);
+    check_close(sum.entropy_loss.item<double>(), ent_wsum, 1e-5, "weighted entropy_loss sum" + tag);
+
+    const pgext::PgLoss none =
+        pgext::pg_error({c.logit, c.action, c.ret}, {.weight = c.weight, .reduction = pgext::Reduction::None});
+    check(none.policy_loss.sizes() == c.action.sizes(), "'none' has the actions' shape");
+    for (int64_t i = 0; i < 6; ++i) {
+      check_close(none.policy_loss[i].item<double>(), pol_rows[i], 1e-5, "per-sample policy" + tag);
+      check_close(none.entropy_loss[i].item<double>(), ent_rows[i], 1e-5, "per-sample entropy" + tag);
+    }
+  }
+  // Leading dims: (2, 3, N) with (2, 3) actions equals the flattened batch.
+  const Case c = make_case(6, 5, false);
+  const auto flat = pgext::pg_error({c.logit, c.action, c.ret});
+  const auto nested = pgext::pg_error({c.logit.view({2, 3, 5}), c.action.view({2, 3}), c.ret.view({2, 3})});
+  check(torch::allclose(flat.policy_loss, nested.policy_loss), "leading dims flatten to rows");
+}
+
+void test_grads() {
+  for (bool masked : {false, true}) {
+    const std::string tag = masked ? " (masked)" : "";
+    Case c = make_case(5, 9, masked);
+    auto logit = c.logit.clone().requires_grad_(true);
+    auto ret = c.ret.clone().requires_grad_(true);
+    auto weight = c.weight.clone().requires_grad_(true);
+    const auto loss = pgext::pg_error({logit, c.action, ret}, {.weight = weight});
+    // Independent upstream gradients: 3 for the policy loss, -0.5 for the entropy.
+    (3 * loss.policy_loss - 0.5 * loss.entropy_loss).backward();
+    check(logit.grad().defined() && ret.grad().defined() && weight.grad().defined(), "gradients reach all leaves");
+
+    auto a = c.action.accessor<int64_t, 1>();
+    auto R = c.ret.accessor<float, 1>();
+    auto W = c.weight.accessor<float, 1>();
+    auto G = logit.grad().accessor<float, 2>();
+    auto GR = ret.grad().accessor<float, 1>();
+    auto GW = weight.grad().accessor<float, 1>();
+    const double C = 5, gP = 3, gE = -0.5;
+    bool masked_zero = true;
+    for (int64_t i = 0; i < 5; ++i) {
+      const auto x = row_of(c.logit, i);
+      const RowRef r = row_reference(x);
+      for (int64_t j = 0; j < 9; ++j) {
+        const double p = std::exp(r.logp[j]);
+        // d/dx_j of -R log p_a is R (p_j - [j == a]); of H it is -p_j (log p_j + H).
+        const double dpol = R[i] * (p - (j == a[i] ? 1.0 : 0.0));
+        const double dent = p > 0 ? -p * (r.logp[j] + r.entropy) : 0.0;
+        const double want = W[i] * (gP * dpol + gE * dent) / C;
+        check_close(G[i][j], want, 1e-5, "grad logit" + tag);
+        if (std::isinf(x[j])) masked_zero = masked_zero && G[i][j] == 0.0f;
+      }
+      check_close(GR[i], -gP * W[i] * r.logp[a[i]] / C, 1e-5, "grad return" + tag);
+      check_close(GW[i], (-gP * R[i] * r.logp[a[i]] + gE * r.entropy) / C, 1e-5, "grad weight" + tag);
+    }
+    check(masked_zero, "masked logits get exactly zero gradient" + tag);
+    check(std::isfinite(loss.entropy_loss.item<double>()), "masked rows have a finite entropy" + tag);
+  }
+}
+
+template <typename E>
+void expect_throw(const std::function<void()>& f, const std::string& needle, const std::string& what) {
+  try {
+    f();
+    check(false, what + ": no exception");
+  } catch (const E& e) {
+    const std::string msg = e.what();
+    check(msg.find(needle) != std::string::npos, what + ": message lacks '" + needle + "': " + msg.substr(0, 300));
+  } catch (const std::exception& e) {
+    check(false, what + ": wrong exception type: " + std::string(e.what()).substr(0, 300));
+  }
+}
+
+void test_errors() {
+  const Case c = make_case(4, 7, false);
+  for (int64_t bad : {int64_t{-1}, int64_t{7}, int64_t{1} << 40}) {
+    auto action = c.action.clone();
+    action[2] = bad;
+    expect_throw<c10::IndexError>([&] { pgext::pg_error({c.logit, action, c.ret}); }, std::to_string(bad),
+                                  "out-of-range action " + std::to_string(bad));
+  }
+  expect_throw<c10::TypeError>([&] { pgext::pg_error({c.logit, c.action.to(torch::kFloat), c.ret}); }, "action",
+                               "float actions");
+  expect_throw<c10::TypeError>([&] { pgext::pg_error({c.logit.to(torch::kLong), c.action, c.ret}); }, "logit",
+                               "integer logits");
+  expect_throw<c10::ValueError>([&] { pgext::pg_error({c.logit, c.action, c.ret.view({4, 1})}); }, "[4, 1]",
+                                "a (B, 1) return");
+  expect_throw<c10::ValueError>([&] { pgext::pg_error({torch::randn({4, 0}), c.action, c.ret}); }, "N = 0",
+                                "no classes");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::pg_error({c.logit, c.action, c.ret}, {.reduction = static_cast<pgext::Reduction>(7)}); },
+      "reduction", "unknown reduction");
+  expect_throw<c10::ValueError>([&] { pgext::pg_error({c.logit, torch::Tensor(), c.ret}); }, "tensors",
+                                "undefined action");
+  // Every c10 error derives from c10::Error.
+  expect_throw<c10::Error>([&] { pgext::pg_error({c.logit, c.action.view({2, 2}), c.ret}); }, "shape",
+                           "action of the wrong shape");
+}
+
+void test_info() {
+  check(std::strlen(pgext::version()) > 0, "version");
+  const std::string cap = pgext::cpu_capability();
+  check(cap == "DEFAULT" || cap == "AVX2" || cap == "AVX512", "cpu_capability: " + cap);
+  check(std::string(pgext::reduction_name(pgext::Reduction::None)) == "none", "reduction_name");
+  // The op is registered with the dispatcher, as Python sees it.
+  check(c10::Dispatcher::singleton().findSchema({"pgext::pg_error", ""}).has_value(), "pgext::pg_error registered");
+  std::cout << "pgext " << pgext::version() << ", CPU kernels " << cap << ", CUDA kernels "
+            << (pgext::cuda_compiled() ? "compiled" : "not compiled") << "\n";
+}
+
+// The module's forward(logit, action, return_) returns (policy, entropy) from
+// torch.ops.pgext.pg_error; it must agree with the C++ API on the same inputs.
+void test_script(const std::string& path) {
+  torch::jit::Module module = torch::jit::load(path);
+  const Case c = make_case(8, 13, true);
+  auto out = module.forward({c.logit, c.action, c.ret}).toTuple();
+  const auto direct = pgext::pg_error({c.logit, c.action, c.ret});
+  check(torch::equal(out->elements()[0].toTensor(), direct.policy_loss), "scripted policy_loss");
+  check(torch::equal(out->elements()[1].toTensor(), direct.entropy_loss), "scripted entropy_loss");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string group = argc > 1 ? argv[1] : "all";
+  try {
+    if (group == "values" || group == "all") test_values();
+    if (group == "grads" || group == "all") test_grads();
+    if (group == "errors" || group == "all") test_errors();
+    if (group == "info" || group == "all") test_info();
+    if (group == "script") {
+      if (argc < 3) {
+        std::cerr << "usage: pgext_cpp_tests script <module.pt>\n";
+        return 2;
+      }
+      test_script(argv[2]);
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "unexpected exception: " << e.what() << "\n";
+    ++g_failed;
+  }
+  if (g_passed + g_failed == 0) {
+    std::cerr << "unknown test group '" << group << "'\n";
+    return 2;
+  }
+  std::cout << g_passed << " passed, " << g_failed << " failed\n";
+  return g_failed == 0 ? 0 : 1;
+}
