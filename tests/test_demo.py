@@ -60,3 +60,17 @@ def test_cli_writes_summary_and_plot(tmp_path, capsys):
 def test_cli_rejects_bad_options():
     with pytest.raises(SystemExit):
         demo.parse_args(["--episodes", "0"])
+
+
+def test_token_level_example_runs_and_matches(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "token_level_pg.py"), "--vocab", "700", "--batch", "3",
+         "--seq", "16", "--repeats", "1"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "padded tokens' dlogits all 0: yes -> match" in proc.stdout, proc.stdout[-3000:]
