@@ -1,20 +1,18 @@
 """CMake integration of pgext.
 
-``pgext.cmake_prefix_path`` (like ``torch.utils.cmake_prefix_path``) is the
-directory holding the CMake package that ships inside the Python package
-(``pgext/share/cmake/pgext/pgextConfig.cmake``, with the headers in
-``pgext/include`` and ``libpgext.so`` in ``pgext/lib``)::
-
-    cmake -DCMAKE_PREFIX_PATH="$(python -c 'import pgext;print(pgext.cmake_prefix_path)')" ...
-
 ``torch_cmake_args()`` gives the ``-D`` arguments with which
 ``find_package(Torch)`` works on a machine whose CUDA toolkit is incomplete
-(no NVRTC, an ``nvcc`` wrapper on PATH): the build of libpgext in setup.py
-and the C++ tests use it. A C++ user with a full CUDA toolkit needs none of
-them.
+(no NVRTC, an ``nvcc`` wrapper on PATH); the C++ tests (tests/test_cpp.py)
+use it.
 
-Nothing here imports torch (setup.py loads this file before torch's build
-helpers, and ``import pgext`` must stay cheap).
+Not wired up yet: shipping libpgext, its headers and its CMake package inside
+the Python package (``pgext/lib``, ``pgext/include``,
+``pgext/share/cmake/pgext``), which ``cmake_prefix_path``,
+``PACKAGE_INSTALL_DIRS`` and ``package_cmake_args()`` describe; setup.py
+still builds pgext._C as one extension.
+
+A C++ user with a full CUDA toolkit needs none of those arguments. Nothing
+here imports torch (``import pgext`` must stay cheap).
 """
 from __future__ import annotations
 
