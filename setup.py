@@ -33,11 +33,13 @@ def extension():
         return CppExtension(
             sources=relative(config.cpu_sources()),
             extra_compile_args={"cxx": config.CXX_FLAGS},
+            extra_link_args=config.LINK_FLAGS,
             **common,
         )
     return CUDAExtension(
         sources=relative(config.cpu_sources() + config.cuda_sources()),
         extra_compile_args={"cxx": config.CXX_FLAGS, "nvcc": config.NVCC_FLAGS},
+        extra_link_args=config.LINK_FLAGS,
         **common,
     )
 

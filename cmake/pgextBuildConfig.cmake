@@ -7,6 +7,7 @@
 #   PGEXT_CXX_FLAGS               CXX_FLAGS without -O* and -std=* (CMake's
 #                                 build type and CXX_STANDARD own those)
 #   PGEXT_NVCC_FLAGS              NVCC_FLAGS, likewise
+#   PGEXT_LINK_FLAGS              LINK_FLAGS (-fopenmp)
 #   PGEXT_DEFAULT_CUDA_ARCH_LIST  DEFAULT_CUDA_ARCH_LIST ("8.0;9.0+PTX")
 #   pgext_cuda_architectures(<out> <torch arch list>)
 #                                 "8.0;9.0+PTX" -> "80-real;90" for the
@@ -35,6 +36,7 @@ endfunction()
 
 _pgext_py_list(PGEXT_CXX_FLAGS CXX_FLAGS)
 _pgext_py_list(PGEXT_NVCC_FLAGS NVCC_FLAGS)
+_pgext_py_list(PGEXT_LINK_FLAGS LINK_FLAGS)
 
 string(REGEX MATCH "\nDEFAULT_CUDA_ARCH_LIST = \"([^\"]*)\"" _m "${_pgext_build_config_text}")
 if(NOT _m)

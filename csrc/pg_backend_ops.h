@@ -13,6 +13,8 @@
 //            shard_vocab_start, grad_logit)
 //   reduce(policy, entropy_weighted, reduction, shape, dtype)
 //                               -> the two losses, in a fixed order
+//   empty_logit_sized(rows, n, options)
+//                               -> the uninitialized (rows, n) gradient
 //
 // so that both backends have the very same semantics, shapes and dtypes.
 #include "pg_checks.h"
@@ -64,6 +66,9 @@ struct BackendOps {
     Backend::forward(in, out);
     auto [policy, entropy] = Backend::reduce(
         out.policy, out.entropy_weighted, red, action.sizes(), loss_type(logit, ret, weight));
+    if (action.dim() == 1) {
+      return {policy, entropy, out.lse, out.entropy};  // (rows,) already
+    }
     return {policy, entropy, out.lse.view(action.sizes()), out.entropy.view(action.sizes())};
   }
 
@@ -144,13 +149,13 @@ struct BackendOps {
     const auto acc = acc_type(logit.scalar_type());
     const double inv_count =
         red == Reduction::Mean && in.rows > 0 ? 1.0 / static_cast<double>(in.rows) : 1.0;
-    at::Tensor grad_logit = at::empty({in.rows, in.n}, logit.options());
+    at::Tensor grad_logit = Backend::empty_logit_sized(in.rows, in.n, logit.options());
     Backend::backward(
         in,
         rows_of_grad(grad_policy, in.rows, acc),
         rows_of_grad(grad_entropy, in.rows, acc),
-        lse.reshape({in.rows}).to(acc).contiguous(),
-        entropy.reshape({in.rows}).to(acc).contiguous(),
+        stats_as_rows(lse, in.rows, acc),
+        stats_as_rows(entropy, in.rows, acc),
         inv_count,
         shard_vocab_start,
         grad_logit);

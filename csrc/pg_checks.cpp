@@ -132,6 +132,9 @@ namespace {
 // (rows, n) view of the logits sharing their storage, or a contiguous copy
 // when no single row stride describes them.
 at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
+  if (logit.dim() == 2 && logit.stride(1) == 1) {
+    return logit;  // already rows; the common case needs no view
+  }
   if (logit.stride(-1) == 1 || n == 1) {
     const int64_t shape[2] = {rows, n};
     auto strides = at::detail::computeStride(logit.sizes(), logit.strides(), shape);
@@ -142,8 +145,13 @@ at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
   return logit.contiguous().view({rows, n});
 }
 
-at::Tensor per_sample(const at::Tensor& t, int64_t rows, at::ScalarType acc) {
-  return t.reshape({rows}).to(acc).contiguous();
+// `t` as a contiguous (rows,) tensor of dtype `type`; `t` itself when it is
+// one already (small batches: each dispatched no-op costs as much as a row).
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type) {
+  if (t.dim() == 1 && t.scalar_type() == type && t.is_contiguous()) {
+    return t;
+  }
+  return t.reshape({rows}).to(type).contiguous();
 }
 
 }  // namespace
@@ -153,7 +161,7 @@ RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& ac
   in.n = logit.size(-1);
   in.rows = action.numel();
   in.logit = logit_rows(logit, in.rows, in.n);
-  in.action = action.reshape({in.rows}).to(at::kLong).contiguous();
+  in.action = as_rows(action, in.rows, at::kLong);
   return in;
 }
 
@@ -164,9 +172,9 @@ RowInputs flatten_rows(
     const std::optional<at::Tensor>& weight) {
   RowInputs in = flatten_logit_and_action(logit, action);
   const auto acc = acc_type(logit.scalar_type());
-  in.ret = per_sample(ret, in.rows, acc);
+  in.ret = as_rows(ret, in.rows, acc);
   if (weight.has_value() && weight->defined()) {
-    in.weight = per_sample(*weight, in.rows, acc);
+    in.weight = as_rows(*weight, in.rows, acc);
   }
   return in;
 }
@@ -175,7 +183,11 @@ at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc
   if (grad.dim() == 0) {
     return grad.to(acc).expand({rows});
   }
-  return grad.reshape({rows}).to(acc).contiguous();
+  return as_rows(grad, rows, acc);
+}
+
+at::Tensor stats_as_rows(const at::Tensor& stats, int64_t rows, at::ScalarType acc) {
+  return as_rows(stats, rows, acc);
 }
 
 }  // namespace pgext

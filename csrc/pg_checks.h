@@ -76,4 +76,8 @@ RowInputs flatten_rows(
 // (reductions 'mean' and 'sum') is expanded with stride 0, not copied.
 at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc);
 
+// Saved per-sample statistics (the shape of action) as contiguous (rows,) in
+// the accumulation dtype, without a copy when they are that already.
+at::Tensor stats_as_rows(const at::Tensor& stats, int64_t rows, at::ScalarType acc);
+
 }  // namespace pgext

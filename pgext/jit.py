@@ -46,6 +46,7 @@ def load(verbose: bool = False, build_directory: Optional[str] = None) -> Module
         sources=sources,
         extra_cflags=config.CXX_FLAGS + [f"-DPGEXT_WITH_CUDA={int(with_cuda)}"],
         extra_cuda_cflags=config.NVCC_FLAGS + [f"-DPGEXT_WITH_CUDA={int(with_cuda)}"],
+        extra_ldflags=config.LINK_FLAGS,
         extra_include_paths=[str(config.CSRC)],
         build_directory=build_directory,
         with_cuda=with_cuda,

@@ -1,6 +1,7 @@
 // CPU backend of pgext's ops: the run-time choice of the kernel build for this
 // CPU, the host-side action check and the deterministic batch reduction; the
 // host side shared with CUDA is in pg_backend_ops.h.
+#include "pg_cpu_alloc.h"
 #include "pg_cpu_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -108,6 +109,10 @@ struct CpuBackend {
       at::Tensor& grad_logit) {
     kernels().backward(
         in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start.value_or(0), grad_logit);
+  }
+
+  static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
+    return cpu::empty_logit_sized(rows, n, options);
   }
 
   static std::pair<at::Tensor, at::Tensor> reduce(

@@ -7,14 +7,12 @@
 // thread count, so a row split across threads gives bitwise the same result
 // as a row done by one thread.
 #include "pg_cpu_kernel.h"
-
-#include "../pg_math.h"
+#include "pg_cpu_short_rows.h"
+#include "pg_cpu_vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -31,56 +29,9 @@ using math::RowStats;
 constexpr int64_t kBlock = 4096;
 // Elements per parallel task, as at::internal::GRAIN_SIZE.
 constexpr int64_t kGrain = 32768;
-
-inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  return x.exp_u20();
-}
-inline Vectorized<double> vexp(const Vectorized<double>& x) {
-  return x.exp();
-}
-
-// The logits of one block in the accumulation type: a pointer into the row
-// when no conversion is needed, else converted into `buf`.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_block(const scalar_t* src, int64_t len, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    using VS = Vectorized<scalar_t>;
-    using VF = Vectorized<float>;
-    int64_t i = 0;
-    for (; i + VS::size() <= len; i += VS::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VS::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + VF::size());
-    }
-    for (; i < len; ++i) {
-      buf[i] = static_cast<float>(src[i]);
-    }
-    return buf;
-  }
-}
-
-template <typename scalar_t>
-inline void store_block(const float* src, int64_t len, scalar_t* dst) {
-  using VS = Vectorized<scalar_t>;
-  using VF = Vectorized<float>;
-  int64_t i = 0;
-  for (; i + VS::size() <= len; i += VS::size()) {
-    at::vec::convert_from_float<scalar_t>(VF::loadu(src + i), VF::loadu(src + i + VF::size()))
-        .store(dst + i);
-  }
-  for (; i < len; ++i) {
-    dst[i] = static_cast<scalar_t>(src[i]);
-  }
-}
-
-// A partial last vector, padded with -inf so it adds nothing to the sums.
-template <typename acc_t>
-inline Vectorized<acc_t> load_tail(const acc_t* x, int64_t count) {
-  using V = Vectorized<acc_t>;
-  return V::set(V(math::neg_inf<acc_t>()), V::loadu(x, count), count);
-}
+// Gradients at least this large are written with non-temporal stores: they
+// cannot stay in the caches (32 MiB of L3 here) until anyone reads them.
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 template <typename acc_t>
 RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
@@ -106,12 +57,11 @@ RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
 
   // Two independent accumulator pairs keep the exp pipeline busy.
   const V vm(m);
-  const V vlow(math::lowest<acc_t>());
   V s0(acc_t(0)), s1(acc_t(0)), u0(acc_t(0)), u1(acc_t(0));
   int64_t i = 0;
   for (; i + 2 * W <= full; i += 2 * W) {
-    const V d0 = at::vec::maximum(V::loadu(x + i) - vm, vlow);
-    const V d1 = at::vec::maximum(V::loadu(x + i + W) - vm, vlow);
+    const V d0 = shifted(V::loadu(x + i), vm);
+    const V d1 = shifted(V::loadu(x + i + W), vm);
     const V e0 = vexp(d0);
     const V e1 = vexp(d1);
     s0 = s0 + e0;
@@ -120,13 +70,13 @@ RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
     u1 = at::vec::fmadd(e1, d1, u1);
   }
   if (i < full) {
-    const V d = at::vec::maximum(V::loadu(x + i) - vm, vlow);
+    const V d = shifted(V::loadu(x + i), vm);
     const V e = vexp(d);
     s0 = s0 + e;
     u0 = at::vec::fmadd(e, d, u0);
   }
   if (full < len) {
-    const V d = at::vec::maximum(load_tail(x + full, len - full) - vm, vlow);
+    const V d = shifted(load_tail(x + full, len - full), vm);
     const V e = vexp(d);
     s1 = s1 + e;
     u1 = at::vec::fmadd(e, d, u1);
@@ -164,8 +114,9 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(kConvert ? kBlock : 0);
       for (const auto r : c10::irange(begin, end)) {
-        RowStats<acc_t> st = math::empty_stats<acc_t>();
-        for (const auto b : c10::irange(nblocks)) {
+        // combine(empty, block) is exactly `block`: start from block 0.
+        RowStats<acc_t> st = stats_of_block(r, 0, buf.data());
+        for (const auto b : c10::irange(1, nblocks)) {
           st = math::combine(st, stats_of_block(r, b, buf.data()));
         }
         emit(r, row(r), st);
@@ -182,8 +133,8 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
     }
   });
   for (const auto r : c10::irange(rows)) {
-    RowStats<acc_t> st = math::empty_stats<acc_t>();
-    for (const auto b : c10::irange(nblocks)) {
+    RowStats<acc_t> st = partial[r * nblocks];
+    for (const auto b : c10::irange(1, nblocks)) {
       st = math::combine(st, partial[r * nblocks + b]);
     }
     emit(r, row(r), st);
@@ -259,11 +210,16 @@ void backward_typed(
   scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
   const acc_t inv_count = static_cast<acc_t>(inv_count_d);
 
+  // Where the gradient goes through a buffer: converted to a half type, or
+  // streamed (pg_cpu_vec.h) when it is too large for the caches.
+  const bool stream = in.rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
+  const bool buffered = kConvert || stream;
   const int64_t tasks = in.rows * nblocks;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(kConvert ? kBlock : 0);
-    std::vector<acc_t> gbuf(kConvert ? kBlock : 0);
+    std::vector<acc_t> gbuf(buffered ? kBlock : 0);
+    std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
     for (const auto t : c10::irange(begin, end)) {
       const int64_t r = t / nblocks;
       const int64_t start = (t % nblocks) * kBlock;
@@ -278,15 +234,14 @@ void backward_typed(
       if constexpr (kConvert) {
         g = gbuf.data();
       } else {
-        g = dst;
+        g = buffered ? gbuf.data() : dst;
       }
 
       const V vlse(lse[r]);
-      const V vlow(math::lowest<acc_t>());
       const V vk(c.k);
       const V vce(c.c_entropy);
       const auto grad_vec = [&](const V& xv) {
-        const V tv = at::vec::maximum(xv - vlse, vlow);
+        const V tv = shifted(xv, vlse);
         const V p = vexp(tv);
         return at::vec::fnmadd(vce, p * tv, p * vk);
       };
@@ -302,22 +257,54 @@ void backward_typed(
         g[a] -= c.c_policy;
       }
       if constexpr (kConvert) {
-        store_block(g, len, dst);
+        if (stream) {
+          store_block(g, len, sbuf.data());
+          stream_copy(sbuf.data(), len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+        } else {
+          store_block(g, len, dst);
+        }
+      } else if (stream) {
+        stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
       }
+    }
+    if (stream) {
+      stream_fence();
     }
   });
 }
 
+template <typename scalar_t>
+bool short_rows(const RowInputs& in) {
+  return in.n <= kShortRowMax<at::opmath_type<scalar_t>>;
+}
+
+// Backward has no reduction to share across a tile, only the transposes to pay
+// for: tiles win over the per-row loop up to about half a vector (measured).
+template <typename scalar_t>
+bool short_rows_backward(const RowInputs& in) {
+  return in.n <= Vectorized<at::opmath_type<scalar_t>>::size() / 2;
+}
+
 void forward(const RowInputs& in, ForwardRows& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_forward_cpu",
-      [&] { forward_typed<scalar_t>(in, out); });
+      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_forward_cpu", [&] {
+        if (short_rows<scalar_t>(in)) {
+          forward_short_rows<scalar_t>(in, out);
+        } else {
+          forward_typed<scalar_t>(in, out);
+        }
+      });
 }
 
 void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_row_stats_cpu",
-      [&] { row_stats_typed<scalar_t>(in, vocab_start, out); });
+      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_row_stats_cpu", [&] {
+        if (short_rows<scalar_t>(in)) {
+          row_stats_short_rows<scalar_t>(in, vocab_start, out);
+        } else {
+          row_stats_typed<scalar_t>(in, vocab_start, out);
+        }
+      });
 }
 
 void backward(
@@ -331,8 +318,13 @@ void backward(
     at::Tensor& grad_logit) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
-        backward_typed<scalar_t>(
-            in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
+        if (short_rows_backward<scalar_t>(in)) {
+          backward_short_rows<scalar_t>(
+              in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
+        } else {
+          backward_typed<scalar_t>(
+              in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
+        }
       });
 }
 

@@ -41,6 +41,10 @@ struct CudaBackend {
     launch_backward(in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start, grad_logit);
   }
 
+  static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
+    return at::empty({rows, n}, options);
+  }
+
   static std::pair<at::Tensor, at::Tensor> reduce(
       const at::Tensor& policy,
       const at::Tensor& entropy_weighted,

@@ -1,0 +1,19 @@
+#pragma once
+// Allocation of the CPU kernels' logit-sized outputs (the gradient).
+#include <ATen/core/Tensor.h>
+
+namespace pgext {
+namespace cpu {
+
+// An uninitialized (rows, n) tensor. From 2 MiB on it is mapped on transparent
+// huge pages where the OS allows (THP mode "madvise" or "always"): a fresh
+// tensor of a few hundred MiB otherwise costs more in 4 KiB page faults than
+// the kernel's arithmetic. PyTorch does the same for every large CPU tensor,
+// but only under THP_MEM_ALLOC_ENABLE=1. PGEXT_HUGE_PAGES=0 turns it off.
+at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options);
+
+// Whether empty_logit_sized asks for huge pages (PGEXT_HUGE_PAGES, read once).
+bool huge_pages_enabled();
+
+}  // namespace cpu
+}  // namespace pgext

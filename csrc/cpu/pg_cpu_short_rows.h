@@ -1,0 +1,246 @@
+#pragma once
+// Short rows (N up to two vectors: classic control, Atari's 18 actions): W
+// rows at a time, transposed into an (N, W) tile so that every vector op
+// serves W rows. The per-row kernels would spend a short row's time in masked
+// loads and horizontal reductions instead of arithmetic.
+//
+// Lanes never mix: a row's result depends on its own logits only, and tiles
+// start at multiples of W, so results do not depend on the thread count.
+// Include only from pg_cpu_kernel_impl.h.
+#include "pg_cpu_vec.h"
+
+#include "pg_cpu_kernel.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace pgext {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+template <typename acc_t>
+constexpr int64_t kShortRowMax = 2 * Vectorized<acc_t>::size();
+
+// Elements per parallel task, as at::internal::GRAIN_SIZE.
+constexpr int64_t kShortGrain = 32768;
+
+template <typename acc_t>
+struct ShortTiles {
+  static constexpr int64_t W = Vectorized<acc_t>::size();
+  int64_t rows;
+  int64_t n;
+  int64_t count() const {
+    return (rows + W - 1) / W;
+  }
+  int64_t grain() const {
+    return std::max<int64_t>(1, kShortGrain / (W * n));
+  }
+};
+
+// tile[j * W + i] = logit j of row r0 + i. A last, partial tile repeats its
+// last row, so every lane holds real logits and nothing is read out of range.
+template <typename scalar_t, typename acc_t>
+inline void load_tile(const scalar_t* logit, int64_t row_stride, int64_t r0, int64_t live, int64_t n, acc_t* tile) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  for (int64_t i = 0; i < W; ++i) {
+    const scalar_t* row = logit + (r0 + std::min(i, live - 1)) * row_stride;
+    for (int64_t j = 0; j < n; ++j) {
+      tile[j * W + i] = static_cast<acc_t>(row[j]);
+    }
+  }
+}
+
+// m, s and u (pg_math.h) of the W rows of a tile, as the per-row kernel
+// computes them: a fully masked row gives (-inf, 0, 0), a row with a NaN
+// gives NaN throughout.
+template <typename acc_t>
+struct TileStats {
+  Vectorized<acc_t> m, s, u;
+};
+
+template <typename acc_t>
+inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  V m = V::loadu(tile);
+  for (int64_t j = 1; j < n; ++j) {
+    m = at::vec::maximum(m, V::loadu(tile + j * W));
+  }
+  // A fully masked row is shifted by 0, not by -inf: its logits then clamp to
+  // the lowest finite value and add exactly 0 to s and u.
+  const V zero(acc_t(0));
+  const V shift = V::blendv(m, zero, m == V(math::neg_inf<acc_t>()));
+  V s(zero), u(zero);
+  for (int64_t j = 0; j < n; ++j) {
+    const V d = shifted(V::loadu(tile + j * W), shift);
+    const V e = vexp(d);
+    s = s + e;
+    u = at::vec::fmadd(e, d, u);
+  }
+  const V nan = m.isnan();
+  return {m, V::blendv(s, m, nan), V::blendv(u, m, nan)};
+}
+
+template <typename scalar_t>
+void forward_short_rows(const RowInputs& in, ForwardRows& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
+  const int64_t row_stride = in.logit.stride(0);
+  const int64_t n = in.n;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
+  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
+  acc_t* entropy = out.entropy.mutable_data_ptr<acc_t>();
+  acc_t* policy = out.policy.mutable_data_ptr<acc_t>();
+  acc_t* entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
+  const ShortTiles<acc_t> tiles{in.rows, n};
+
+  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
+    alignas(64) acc_t lse_lane[W];
+    alignas(64) acc_t ent_lane[W];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * W;
+      const int64_t live = std::min(W, in.rows - r0);
+      load_tile(logit, row_stride, r0, live, n, tile);
+      const TileStats<acc_t> st = tile_stats(tile, n);
+      // finish_row, for W rows at once
+      const V log_s = st.s.log();
+      (st.m + log_s).store(lse_lane);
+      (log_s - st.u / st.s).store(ent_lane);
+      for (int64_t i = 0; i < live; ++i) {
+        const int64_t r = r0 + i;
+        const acc_t w = weight ? weight[r] : acc_t(1);
+        lse[r] = lse_lane[i];
+        entropy[r] = ent_lane[i];
+        policy[r] = math::policy_term(tile[action[r] * W + i], lse_lane[i], ret[r], w);
+        entropy_weighted[r] = math::entropy_term(ent_lane[i], w);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void row_stats_short_rows(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
+  const int64_t row_stride = in.logit.stride(0);
+  const int64_t n = in.n;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  acc_t* max = out.max.mutable_data_ptr<acc_t>();
+  acc_t* sum_exp = out.sum_exp.mutable_data_ptr<acc_t>();
+  acc_t* shifted_sum = out.shifted_sum.mutable_data_ptr<acc_t>();
+  acc_t* action_logit = out.action_logit.mutable_data_ptr<acc_t>();
+  const ShortTiles<acc_t> tiles{in.rows, n};
+
+  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
+    alignas(64) acc_t m[W];
+    alignas(64) acc_t s[W];
+    alignas(64) acc_t u[W];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * W;
+      const int64_t live = std::min(W, in.rows - r0);
+      load_tile(logit, row_stride, r0, live, n, tile);
+      const TileStats<acc_t> st = tile_stats(tile, n);
+      st.m.store(m);
+      st.s.store(s);
+      st.u.store(u);
+      for (int64_t i = 0; i < live; ++i) {
+        const int64_t r = r0 + i;
+        max[r] = m[i];
+        sum_exp[r] = s[i];
+        shifted_sum[r] = u[i];
+        const int64_t a = action[r] - vocab_start;
+        action_logit[r] = a >= 0 && a < n ? tile[a * W + i] : acc_t(0);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_short_rows(
+    const RowInputs& in,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse_t,
+    const at::Tensor& entropy_t,
+    double inv_count_d,
+    int64_t vocab_start,
+    at::Tensor& grad_logit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
+  const int64_t row_stride = in.logit.stride(0);
+  const int64_t n = in.n;
+  const int64_t* action = in.action.const_data_ptr<int64_t>();
+  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
+  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* g_pol = grad_policy.const_data_ptr<acc_t>();
+  const int64_t g_pol_stride = grad_policy.stride(0);
+  const acc_t* g_ent = grad_entropy.const_data_ptr<acc_t>();
+  const int64_t g_ent_stride = grad_entropy.stride(0);
+  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
+  const acc_t* entropy = entropy_t.const_data_ptr<acc_t>();
+  scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
+  const acc_t inv_count = static_cast<acc_t>(inv_count_d);
+  const ShortTiles<acc_t> tiles{in.rows, n};
+
+  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
+    alignas(64) acc_t lse_lane[W];
+    alignas(64) acc_t k_lane[W];
+    alignas(64) acc_t ce_lane[W];
+    alignas(64) acc_t cp_lane[W];
+    alignas(64) acc_t action_lane[W];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * W;
+      const int64_t live = std::min(W, in.rows - r0);
+      load_tile(logit, row_stride, r0, live, n, tile);
+      for (int64_t i = 0; i < W; ++i) {
+        const int64_t r = r0 + std::min(i, live - 1);
+        const acc_t w = weight ? weight[r] : acc_t(1);
+        const auto c = math::grad_coef(
+            g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
+        lse_lane[i] = lse[r];
+        k_lane[i] = c.k;
+        ce_lane[i] = c.c_entropy;
+        cp_lane[i] = c.c_policy;
+        // The action's column within this shard, or -1: exact in acc_t,
+        // since short rows have few columns.
+        const int64_t a = action[r] - vocab_start;
+        action_lane[i] = a >= 0 && a < n ? static_cast<acc_t>(a) : acc_t(-1);
+      }
+      const V vlse = V::loadu(lse_lane);
+      const V vk = V::loadu(k_lane);
+      const V vce = V::loadu(ce_lane);
+      const V vcp = V::loadu(cp_lane);
+      const V va = V::loadu(action_lane);
+      const V zero(acc_t(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const V tv = shifted(V::loadu(tile + j * W), vlse);
+        const V p = vexp(tv);
+        const V g = at::vec::fnmadd(vce, p * tv, p * vk);
+        const V onehot = V::blendv(zero, vcp, va == V(static_cast<acc_t>(j)));
+        (g - onehot).store(tile + j * W);
+      }
+      for (int64_t i = 0; i < live; ++i) {
+        scalar_t* dst = out + (r0 + i) * n;
+        for (int64_t j = 0; j < n; ++j) {
+          dst[j] = static_cast<scalar_t>(tile[j * W + i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace pgext

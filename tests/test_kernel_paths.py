@@ -1,0 +1,155 @@
+"""The CPU kernels' separate code paths, each against the reference.
+
+The CPU build picks, by row length N and output size:
+  - short rows (N up to two vectors of the accumulation type: 32 float32 /
+    16 float64 with AVX-512, half that with AVX2), W rows at a time in a
+    transposed tile; backward uses tiles up to half a vector;
+  - the per-row loop over 4096-logit cache blocks, one or several blocks;
+  - rows split across threads when they are fewer than 4x the threads;
+  - gradients of 16 MiB and more written with non-temporal stores;
+  - gradients of 2 MiB and more allocated on 2 MiB pages (pg_cpu_alloc.h).
+Every boundary is crossed here, with masks, partial tiles and odd row lengths.
+"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pgext
+from conftest import FLOAT_DTYPES, ROOT, check_against_reference, dtype_id, make_inputs
+
+# Both sides of every length threshold above, for W = 4, 8 and 16.
+PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 4095, 4096, 4097, 8193]
+
+
+@pytest.mark.parametrize("n", PATH_NS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_every_path_matches_reference(n, dtype):
+    # 37 rows: the last tile is partial whatever W is
+    rows = 37 if n < 4000 else 5
+    inp = make_inputs((rows,), n, dtype, seed=n, mask=0.3 if n > 1 else False, weight=True)
+    check_against_reference(inp, "none")
+    check_against_reference(inp, "mean")
+
+
+@pytest.mark.parametrize("n", [5, 18, 40, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_degenerate_rows_stay_in_their_lane(n, dtype):
+    """A fully masked row and a NaN row give NaN for themselves only: tile
+    lanes (short rows) and rows (long ones) never leak into their neighbours."""
+    inp = make_inputs((20,), n, dtype, seed=3, mask=0.2, weight=True)
+    logit = inp.logit.clone()
+    logit[4] = -math.inf
+    logit[9, n // 2] = math.nan
+    got = pgext.pg_error((logit, inp.action, inp.return_), weight=inp.weight, reduction="none")
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[4] = bad[9] = True
+    for name, value in (("policy", got.policy_loss), ("entropy", got.entropy_loss)):
+        assert torch.isnan(value[bad]).all(), (name, value)
+    # the fully masked row has no distribution: its entropy is NaN (0 * log 0 over nothing)
+    assert torch.isnan(got.entropy_loss[4])
+    healthy = inp._replace(
+        logit=logit[~bad], action=inp.action[~bad], return_=inp.return_[~bad], weight=inp.weight[~bad]
+    )
+    ref = pgext.pg_error(healthy.data, weight=healthy.weight, reduction="none")
+    assert torch.equal(got.policy_loss[~bad], ref.policy_loss)
+    assert torch.equal(got.entropy_loss[~bad], ref.entropy_loss)
+
+
+@pytest.mark.parametrize(
+    "rows, n, dtype",
+    [(64, 70001, torch.float32), (130, 70001, torch.bfloat16), (30, 70001, torch.float64)],
+    ids=["float32", "bfloat16", "float64"],
+)
+def test_streamed_gradient(rows, n, dtype):
+    """Gradients of 16 MiB and more: non-temporal stores, rows not aligned to
+    a cache line (N is odd), several blocks per row."""
+    inp = make_inputs((rows,), n, dtype, seed=11, mask=0.1, weight=True)
+    assert rows * n * inp.logit.element_size() >= 16 << 20
+    check_against_reference(inp, "mean", wrt=("logit",))
+
+
+HUGE = sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not HUGE, reason="transparent huge pages are a Linux feature")
+def test_large_gradient_is_on_2mib_pages_and_behaves_like_any_tensor():
+    inp = make_inputs((64,), 20000, torch.float32, seed=5)
+    logit = inp.logit.clone().requires_grad_(True)
+    out = pgext.pg_error((logit, inp.action, inp.return_))
+    (out.policy_loss - 0.01 * out.entropy_loss).backward()
+    grad = logit.grad
+    assert grad.data_ptr() % (2 << 20) == 0, hex(grad.data_ptr())
+    expected = grad.clone()
+    # an ordinary, resizable CPU tensor
+    grad.mul_(2).div_(2)  # exact in binary floating point
+    assert torch.equal(grad, expected)
+    grad.resize_(2 * grad.numel())
+    assert grad.untyped_storage().nbytes() >= 2 * expected.numel() * 4
+    del out, grad
+    logit.grad = None
+
+
+@pytest.mark.skipif(not HUGE, reason="transparent huge pages are a Linux feature")
+def test_huge_pages_can_be_turned_off_and_change_no_value(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import pgext\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "logit = torch.randn(64, 20000, generator=g).requires_grad_(True)\n"
+        "action = torch.randint(0, 20000, (64,), generator=g)\n"
+        "ret = torch.randn(64, generator=g)\n"
+        "out = pgext.pg_error((logit, action, ret))\n"
+        "(out.policy_loss - 0.01 * out.entropy_loss).backward()\n"
+        "print(logit.grad.data_ptr() % (2 << 20) == 0)\n"
+        "torch.save(logit.grad, sys.argv[1])\n"
+    )
+    grads = {}
+    for value in ("1", "0"):
+        env = dict(os.environ, PGEXT_HUGE_PAGES=value)
+        path = tmp_path / f"grad{value}.pt"
+        res = subprocess.run(
+            [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert res.returncode == 0, res.stderr
+        grads[value] = (res.stdout.split()[-1], torch.load(path))
+    assert grads["1"][0] == "True"
+    assert torch.equal(grads["1"][1], grads["0"][1])
+
+
+def _extension_binary():
+    return pgext._C.__file__
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_kernels_are_built_with_openmp():
+    """at::parallel_for parallelizes with `#pragma omp parallel` in ATen's
+    headers: without -fopenmp every kernel silently runs on one thread."""
+    out = subprocess.run(
+        ["nm", "-D", "--undefined-only", _extension_binary()], capture_output=True, text=True, check=True
+    ).stdout
+    assert "GOMP_parallel" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process(tmp_path):
+    """pgext's kernels share torch's libgomp (and so torch.set_num_threads)."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import pgext\n"
+        "x = torch.randn(4096, 1000)\n"
+        "pgext.pg_error((x, torch.zeros(4096, dtype=torch.long), torch.ones(4096)))\n"
+        "libs = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line}\n"
+        "print(len(libs), sorted(libs))\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "1", res.stdout
