@@ -8,6 +8,8 @@ Drop-in for the notebook's ``pg_error``::
 
 The work is done by dispatcher ops (``torch.ops.pgext.*``) with CPU and CUDA
 kernels and C++ autograd; this module only loads them and keeps the API.
+``pgext.distributed.pg_error`` computes the same loss from logits split by
+class across a torch.distributed process group.
 """
 from __future__ import annotations
 
@@ -41,9 +43,39 @@ _pg_error_op = torch.ops.pgext.pg_error.default
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def __getattr__(name):
+    # pgext.distributed imports torch.distributed: loaded on first use only
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'pgext' has no attribute {name!r}")
+
+
 def build_mode() -> str:
     """'installed' for the compiled package, 'jit' under PGEXT_JIT=1."""
     return _BUILD_MODE
+
+
+def _check_call(data, weight, reduction):
+    """The Python-level checks of pg_error's arguments (the op checks shapes,
+    dtypes and devices); shared with pgext.distributed. Returns the three
+    tensors of ``data``."""
+    try:
+        logit, action, return_ = data
+    except (TypeError, ValueError):
+        raise TypeError(
+            "pg_error expects pg_data(logit, action, return_) or a 3-tuple of tensors, "
+            f"got {type(data).__name__}"
+        ) from None
+    for name, value in (("logit", logit), ("action", action), ("return_", return_)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"pg_error: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"pg_error: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"pg_error: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return logit, action, return_
 
 
 def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
@@ -63,19 +95,6 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
         ``policy_loss = -(return_ * log_prob(action))`` and
         ``entropy_loss = entropy``, reduced.
     """
-    try:
-        logit, action, return_ = data
-    except (TypeError, ValueError):
-        raise TypeError(
-            "pg_error expects pg_data(logit, action, return_) or a 3-tuple of tensors, "
-            f"got {type(data).__name__}"
-        ) from None
-    for name, value in (("logit", logit), ("action", action), ("return_", return_)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"pg_error: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if weight is not None and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"pg_error: weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"pg_error: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    logit, action, return_ = _check_call(data, weight, reduction)
     policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
     return pg_loss(policy_loss, entropy_loss)
