@@ -5,80 +5,101 @@
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <tuple>
 
 namespace pgext {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-class PgErrorFunction : public torch::autograd::Function<PgErrorFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const at::Tensor& logit,
-      const at::Tensor& action,
-      const at::Tensor& ret,
-      const std::optional<at::Tensor>& weight,
-      const std::string& reduction) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [policy, entropy, lse, row_entropy] =
-        ops::pg_error_forward(logit, action, ret, weight, reduction);
-    ctx->save_for_backward({logit, action, ret, weight.value_or(at::Tensor()), lse, row_entropy});
-    ctx->saved_data["reduction"] = reduction;
-    return {policy, entropy};
+// The backward node of pg_error. It is a plain autograd Node, as PyTorch's
+// own derivatives are, rather than a torch::autograd::Function: that one
+// keeps its extra state in a boxed map and wraps outputs generically, which at
+// small batches costs as much as the kernels. Saved: the inputs (no copies)
+// and the per-sample log-sum-exp and entropy, 8 bytes per sample in float32.
+struct PgErrorBackward final : public torch::autograd::TraceableFunction {
+  // Inputs of the node: the gradients of (policy_loss, entropy_loss).
+  // Outputs, in next_edges order: logit, action (never), return_, weight.
+  variable_list apply(variable_list&& grads) override;
+
+  std::string name() const override {
+    return "PgErrorBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& logit = saved[0];
-    const at::Tensor& action = saved[1];
-    const at::Tensor& ret = saved[2];
-    const at::Tensor& weight = saved[3];
-    const at::Tensor& lse = saved[4];
-    const at::Tensor& row_entropy = saved[5];
-    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
-    const Reduction red = parse_reduction(reduction);
-    const at::Tensor& grad_policy = grads[0];
-    const at::Tensor& grad_entropy = grads[1];
-
-    const bool need_logit = ctx->needs_input_grad(0);
-    const bool need_ret = ctx->needs_input_grad(2);
-    const bool need_weight = weight.defined() && ctx->needs_input_grad(3);
-
-    // create_graph=True: the backward must itself be differentiable.
-    if (at::GradMode::is_enabled()) {
-      auto g = pg_error_grads_composite(
-          grad_policy, grad_entropy, logit, action, ret, weight, red, need_logit, need_ret, need_weight);
-      return {g.logit, at::Tensor(), g.ret, g.weight, at::Tensor()};
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&logit_, &action_, &ret_, &weight_, &lse_, &entropy_}) {
+      v->reset_data();
     }
-
-    at::Tensor grad_logit, grad_ret, grad_weight;
-    if (need_logit) {
-      const std::optional<at::Tensor> weight_opt =
-          weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
-      grad_logit = ops::pg_error_backward(
-          grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, row_entropy, reduction);
-    }
-    if (need_ret || need_weight) {
-      // Per-sample gradients: log_prob is one gather away from the saved lse.
-      const auto acc = lse.scalar_type();
-      const at::Tensor log_prob =
-          logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(acc) - lse;
-      const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
-      if (need_ret) {
-        const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, lse.options());
-        grad_ret = (-g_pol * w * log_prob).to(ret.scalar_type());
-      }
-      if (need_weight) {
-        const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), red, action);
-        grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * row_entropy).to(weight.scalar_type());
-      }
-    }
-    return {grad_logit, at::Tensor(), grad_ret, grad_weight, at::Tensor()};
   }
+
+  SavedVariable logit_, action_, ret_, weight_, lse_, entropy_;
+  std::string reduction_;
 };
+
+variable_list PgErrorBackward::apply(variable_list&& grads) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const at::Tensor logit = logit_.unpack();
+  const at::Tensor action = action_.unpack();
+  const at::Tensor ret = ret_.unpack();
+  const at::Tensor weight = weight_.unpack();
+  const at::Tensor lse = lse_.unpack();
+  const at::Tensor row_entropy = entropy_.unpack();
+  const Reduction red = parse_reduction(reduction_);
+
+  // A loss left out of what is differentiated has no gradient: it counts as 0.
+  at::Tensor grad_policy = grads[0];
+  at::Tensor grad_entropy = grads[1];
+  if (!grad_policy.defined() && !grad_entropy.defined()) {
+    return variable_list(4);
+  }
+  if (!grad_policy.defined()) {
+    grad_policy = at::zeros_like(grad_entropy);
+  } else if (!grad_entropy.defined()) {
+    grad_entropy = at::zeros_like(grad_policy);
+  }
+
+  const bool need_logit = task_should_compute_output(0);
+  const bool need_ret = task_should_compute_output(2);
+  const bool need_weight = weight.defined() && task_should_compute_output(3);
+
+  // create_graph=True: the backward must itself be differentiable.
+  if (at::GradMode::is_enabled()) {
+    auto g = pg_error_grads_composite(
+        grad_policy, grad_entropy, logit, action, ret, weight, red, need_logit, need_ret, need_weight);
+    return {g.logit, at::Tensor(), g.ret, g.weight};
+  }
+
+  at::Tensor grad_logit, grad_ret, grad_weight;
+  if (need_logit) {
+    const std::optional<at::Tensor> weight_opt =
+        weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
+    grad_logit = ops::pg_error_backward(
+        grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, row_entropy, reduction_);
+  }
+  if (need_ret || need_weight) {
+    // Per-sample gradients: log_prob is one gather away from the saved lse.
+    const auto acc = lse.scalar_type();
+    const at::Tensor log_prob =
+        logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(acc) - lse;
+    const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
+    if (need_ret) {
+      const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, lse.options());
+      grad_ret = (-g_pol * w * log_prob).to(ret.scalar_type());
+    }
+    if (need_weight) {
+      const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), red, action);
+      grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * row_entropy).to(weight.scalar_type());
+    }
+  }
+  return {grad_logit, at::Tensor(), grad_ret, grad_weight};
+}
 
 std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     const at::Tensor& logit,
@@ -86,8 +107,27 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
     c10::string_view reduction) {
-  auto out = PgErrorFunction::apply(logit, action, ret, weight, std::string(reduction));
-  return {out[0], out[1]};
+  const at::Tensor w = weight.value_or(at::Tensor());
+  const bool requires_grad = torch::autograd::compute_requires_grad(logit, ret, w);
+  at::Tensor policy, entropy, lse, row_entropy;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(policy, entropy, lse, row_entropy) = ops::pg_error_forward(logit, action, ret, weight, reduction);
+  }
+  if (requires_grad) {
+    auto node = c10::make_intrusive<PgErrorBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(logit, action, ret, w));
+    node->logit_ = SavedVariable(logit, false);
+    node->action_ = SavedVariable(action, false);
+    node->ret_ = SavedVariable(ret, false);
+    node->weight_ = SavedVariable(w, false);
+    node->lse_ = SavedVariable(lse, false);
+    node->entropy_ = SavedVariable(row_entropy, false);
+    node->reduction_ = std::string(reduction);
+    torch::autograd::set_history(policy, node);
+    torch::autograd::set_history(entropy, node);
+  }
+  return {policy, entropy};
 }
 
 // Below autograd (no_grad, inference mode, tracing of the forward graph) the

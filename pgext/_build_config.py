@@ -16,11 +16,13 @@ CSRC = ROOT / "csrc"
 
 # -Wno-psabi: GCC notes that passing at::vec's 32/64-byte vectors by value
 # changed ABI in GCC 4.6; every caller is compiled with this compiler.
+# -Wno-unknown-pragmas: at::vec's headers say `#pragma unroll`, which GCC
+# does not know.
 # -fopenmp: at::parallel_for is a header template that parallelizes with
 # `#pragma omp parallel` (ATen's OpenMP backend); without the flag every
 # kernel silently runs on one thread. The libgomp.so.1 it links is the one
 # torch already loaded (same soname), so there is one OpenMP runtime.
-CXX_FLAGS = ["-O3", "-std=c++20", "-Wall", "-Wno-psabi", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 # sm_80 (A100) and sm_90 (H100) plus PTX so newer GPUs JIT-compile the kernels.
