@@ -7,7 +7,8 @@ The CPU build picks, by row length N and output size:
   - the per-row loop over 4096-logit cache blocks, one or several blocks;
   - rows split across threads when they are fewer than 4x the threads;
   - gradients of 16 MiB and more written with non-temporal stores;
-  - gradients of 2 MiB and more allocated on 2 MiB pages (pg_cpu_alloc.h).
+  - gradients of 2 MiB and more allocated on 2 MiB pages, the last one freed
+    kept for the next of the same size (pg_cpu_alloc.h).
 Every boundary is crossed here, with masks, partial tiles and odd row lengths.
 """
 import math
@@ -94,8 +95,35 @@ def test_large_gradient_is_on_2mib_pages_and_behaves_like_any_tensor():
     logit.grad = None
 
 
+def _grad_of(inp):
+    logit = inp.logit.clone().requires_grad_(True)
+    out = pgext.pg_error((logit, inp.action, inp.return_))
+    (out.policy_loss - 0.01 * out.entropy_loss).backward()
+    return logit.grad
+
+
 @pytest.mark.skipif(not HUGE, reason="transparent huge pages are a Linux feature")
-def test_huge_pages_can_be_turned_off_and_change_no_value(tmp_path):
+@pytest.mark.skipif(os.environ.get("PGEXT_GRAD_CACHE") == "0", reason="gradient cache turned off")
+def test_freed_gradient_block_is_reused_and_fully_rewritten():
+    first = make_inputs((64,), 20000, torch.float32, seed=7)
+    second = make_inputs((64,), 20000, torch.float32, seed=8, mask=0.5)
+    g1 = _grad_of(first)
+    ptr = g1.data_ptr()
+    held = _grad_of(second)  # g1 still alive: a block in use is never handed out
+    assert held.data_ptr() != ptr
+    del g1
+    g2 = _grad_of(second)  # the freed block comes back, with every entry rewritten
+    assert g2.data_ptr() == ptr
+    assert torch.equal(g2, held)
+    # a request of another size does not get it
+    del g2
+    other = _grad_of(make_inputs((64,), 30000, torch.float32, seed=9))
+    assert other.data_ptr() != ptr
+    check_against_reference(second, "mean", wrt=("logit",))
+
+
+@pytest.mark.skipif(not HUGE, reason="transparent huge pages are a Linux feature")
+def test_huge_pages_and_cache_can_be_turned_off_and_change_no_value(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(
         "import sys, torch\n"
@@ -112,7 +140,7 @@ def test_huge_pages_can_be_turned_off_and_change_no_value(tmp_path):
     )
     grads = {}
     for value in ("1", "0"):
-        env = dict(os.environ, PGEXT_HUGE_PAGES=value)
+        env = dict(os.environ, PGEXT_HUGE_PAGES=value, PGEXT_GRAD_CACHE=value)
         path = tmp_path / f"grad{value}.pt"
         res = subprocess.run(
             [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=300

@@ -10,6 +10,9 @@ namespace cpu {
 // tensor of a few hundred MiB otherwise costs more in 4 KiB page faults than
 // the kernel's arithmetic. PyTorch does the same for every large CPU tensor,
 // but only under THP_MEM_ALLOC_ENABLE=1. PGEXT_HUGE_PAGES=0 turns it off.
+// The last such block freed is kept for the next request of the same size
+// (the next step's gradient), which then costs no page faults at all;
+// PGEXT_GRAD_CACHE=0 turns that off.
 at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options);
 
 // Whether empty_logit_sized asks for huge pages (PGEXT_HUGE_PAGES, read once).
