@@ -44,4 +44,4 @@ bench: build
 	$(PY) -m pgext.bench --json benchmarks/cpu_2core.json --plot benchmarks/cpu_2core.png | tee benchmarks/cpu_2core.md
 
 clean:
-	rm -rf build pgext/_C*.so pgext/*.so
+	rm -rf build pgext/_C*.so pgext/*.so pgext/lib pgext/include pgext/share

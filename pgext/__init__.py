@@ -7,7 +7,14 @@ Drop-in for the notebook's ``pg_error``::
     total = loss.policy_loss - entropy_weight * loss.entropy_loss
 
 The work is done by dispatcher ops (``torch.ops.pgext.*``) with CPU and CUDA
-kernels and C++ autograd; this module only loads them and keeps the API.
+kernels and C++ autograd. They live in libpgext (``pgext/lib/libpgext.so``, no
+Python in it), which C++ programs link too; this module only loads them
+(through ``pgext._C``, which links libpgext) and keeps the API.
+
+C++ and CMake: ``pgext.cmake_prefix_path``, like
+``torch.utils.cmake_prefix_path``, points ``find_package(pgext)`` at the
+library, headers and CMake package shipped in this package.
+
 ``pgext.distributed.pg_error`` computes the same loss from logits split by
 class across a torch.distributed process group.
 """
@@ -19,9 +26,10 @@ from typing import Optional
 import torch
 
 from . import reference
+from ._cmake import cmake_prefix_path
 from ._types import pg_data, pg_loss
 
-__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "reference", "__version__"]
+__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "reference", "cmake_prefix_path", "__version__"]
 
 
 def _load_extension():

@@ -1,10 +1,22 @@
-"""What pgext's extension is built from: shared by setup.py and the JIT loader.
+"""What pgext is built from: shared by setup.py, the JIT loader and CMake.
+
+Two binaries, in every build:
+
+- ``libpgext``: the dispatcher ops, their CPU (and CUDA) kernels, autograd and
+  the C++ API (``csrc/include/pgext/pgext.h``). A plain shared library with no
+  Python in it: ``cpu_sources()`` and ``cuda_sources()``.
+- ``pgext._C``: the pybind11 build-information module
+  (``module_sources()``), linked to libpgext.
+
+The package layout below is where setup.py puts libpgext, its headers and its
+CMake package inside the installed ``pgext`` directory.
 
 This module imports nothing from torch, so setup.py can load it before torch's
 build helpers read CUDA_HOME.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -13,6 +25,25 @@ from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
+#: The public headers: ``csrc/include/pgext/*.h`` is ``<pgext/*.h>``.
+PUBLIC_INCLUDE = CSRC / "include"
+PYTHON_MODULE_SOURCE = CSRC / "python_module.cpp"
+
+# Inside the installed package (paths relative to the ``pgext`` directory):
+#   lib/libpgext.so                  the library (SONAME libpgext.so)
+#   include/pgext/*.h                its public headers
+#   share/cmake/pgext/*.cmake        its CMake package (find_package(pgext))
+#   _C.<abi>.so                      links lib/libpgext.so (RUNPATH $ORIGIN/lib)
+PACKAGE_LIB_DIR = "lib"
+PACKAGE_INCLUDE_DIR = "include"
+PACKAGE_CMAKE_DIR = "share/cmake/pgext"
+LIBRARY_NAME = "pgext"  # -lpgext
+LIBRARY_FILE = "libpgext.so"
+#: RUNPATH of pgext._C: the libpgext next to it.
+MODULE_RPATH = "$ORIGIN/" + PACKAGE_LIB_DIR
+#: RUNPATH of the packaged libpgext: torch's libraries in the same
+#: site-packages (pgext/lib -> torch/lib); see library_rpath().
+LIBRARY_RPATH = "$ORIGIN/../../torch/lib"
 
 # -Wno-psabi: GCC notes that passing at::vec's 32/64-byte vectors by value
 # changed ABI in GCC 4.6; every caller is compiled with this compiler.
@@ -39,20 +70,56 @@ def _isa_specific(path: Path) -> bool:
 
 
 def cpu_sources() -> List[str]:
-    """Every C++ source of the extension, the pybind11 module included.
+    """The C++ sources of libpgext (every one but the pybind11 module).
 
     The AVX2 / AVX-512 kernel files come last: an inline function that several
     files instantiate is linked once, from the first object that has it, and
     that copy must be the portable one, not one compiled for AVX-512.
     """
-    files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"), key=lambda f: (_isa_specific(f), f.name))
+    files = [f for f in sorted(CSRC.glob("*.cpp")) if f != PYTHON_MODULE_SOURCE]
+    files += sorted((CSRC / "cpu").glob("*.cpp"), key=lambda f: (_isa_specific(f), f.name))
     return [str(f) for f in files]
+
+
+def module_sources() -> List[str]:
+    """The sources of the pybind11 module pgext._C (it links libpgext)."""
+    return [str(PYTHON_MODULE_SOURCE)]
+
+
+def public_headers() -> List[str]:
+    """``csrc/include/pgext/*.h``: installed as ``<pgext/*.h>``."""
+    return [str(f) for f in sorted((PUBLIC_INCLUDE / "pgext").glob("*.h"))]
+
+
+def headers() -> List[str]:
+    """Every header of the sources (build dependencies)."""
+    return [str(f) for f in sorted(CSRC.rglob("*")) if f.suffix in (".h", ".cuh")]
 
 
 def cuda_sources() -> List[str]:
     return [str(f) for f in sorted((CSRC / "cuda").glob("*.cu"))] + [
         str(f) for f in sorted((CSRC / "cuda").glob("*.cpp"))
     ]
+
+
+def library_rpath(with_cuda: bool) -> str:
+    """RUNPATH of the packaged libpgext (``site-packages/pgext/lib``).
+
+    torch's libraries next to the package (``LIBRARY_RPATH``) and, for a CUDA
+    build, the directory of the CUDA runtime that torch's pip dependencies
+    install (``site-packages/nvidia/cu13/lib``), where there is one, the way
+    torch's own libraries find it: a C++ program that loads libpgext before
+    anything has loaded libcudart must find it without a CUDA toolkit.
+    """
+    paths = [LIBRARY_RPATH]
+    spec = importlib.util.find_spec("torch")
+    if with_cuda and spec is not None and spec.submodule_search_locations:
+        site = Path(next(iter(spec.submodule_search_locations))).parent
+        for lib in sorted(site.glob("nvidia/*/lib/libcudart.so*")):
+            entry = "$ORIGIN/../../" + lib.parent.relative_to(site).as_posix()
+            if entry not in paths:
+                paths.append(entry)
+    return ":".join(paths)
 
 
 def find_cuda_home() -> Optional[str]:

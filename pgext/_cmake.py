@@ -1,18 +1,19 @@
 """CMake integration of pgext.
 
+``cmake_prefix_path`` (also ``pgext.cmake_prefix_path``) is the directory to
+put on CMAKE_PREFIX_PATH so that ``find_package(pgext CONFIG REQUIRED)`` finds
+the libpgext that this Python package ships (``pgext/lib/libpgext.so``,
+``pgext/include/pgext/*.h``, ``pgext/share/cmake/pgext/*.cmake``, installed by
+setup.py), like ``torch.utils.cmake_prefix_path`` for torch::
+
+    cmake -DCMAKE_PREFIX_PATH="$(python -c 'import pgext, torch; print(pgext.cmake_prefix_path + ";" + torch.utils.cmake_prefix_path)')" ...
+
 ``torch_cmake_args()`` gives the ``-D`` arguments with which
 ``find_package(Torch)`` works on a machine whose CUDA toolkit is incomplete
 (no NVRTC, an ``nvcc`` wrapper on PATH); the C++ tests (tests/test_cpp.py)
-use it.
+use it. A C++ user with a full CUDA toolkit needs none of those arguments.
 
-Not wired up yet: shipping libpgext, its headers and its CMake package inside
-the Python package (``pgext/lib``, ``pgext/include``,
-``pgext/share/cmake/pgext``), which ``cmake_prefix_path``,
-``PACKAGE_INSTALL_DIRS`` and ``package_cmake_args()`` describe; setup.py
-still builds pgext._C as one extension.
-
-A C++ user with a full CUDA toolkit needs none of those arguments. Nothing
-here imports torch (``import pgext`` must stay cheap).
+Nothing here imports torch (``import pgext`` must stay cheap).
 """
 from __future__ import annotations
 
@@ -34,19 +35,11 @@ except ImportError:  # loaded by path (setup.py, tests): no parent package
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 #: Prefix for CMake's CMAKE_PREFIX_PATH: find_package(pgext) finds
-#: ``<this>/pgext/pgextConfig.cmake``.
-cmake_prefix_path: str = str(PACKAGE_DIR / "share" / "cmake")
+#: ``<this>/pgext/pgextConfig.cmake`` (``pgext/share/cmake/pgext``).
+cmake_prefix_path: str = str((PACKAGE_DIR / _config.PACKAGE_CMAKE_DIR).parent)
 
-#: Where setup.py installs the CMake build of libpgext inside the package:
-#: CMake install directories relative to the package directory.
-PACKAGE_INSTALL_DIRS = {
-    "CMAKE_INSTALL_LIBDIR": "lib",
-    "CMAKE_INSTALL_INCLUDEDIR": "include",
-    "CMAKE_INSTALL_BINDIR": "bin",
-    "PGEXT_INSTALL_CMAKEDIR": "share/cmake/pgext",
-    # pgext/lib/libpgext.so -> site-packages/torch/lib
-    "PGEXT_INSTALL_RPATH": "$ORIGIN/../../torch/lib",
-}
+#: The packaged library, ``pgext/lib/libpgext.so`` (what pgext._C links).
+library_path: str = str(PACKAGE_DIR / _config.PACKAGE_LIB_DIR / _config.LIBRARY_FILE)
 
 
 def torch_dir() -> str:
@@ -111,16 +104,6 @@ def torch_cmake_args(cuda_home: Optional[str] = None) -> List[str]:
         nvrtc = nvrtc_library(home)
         if nvrtc is not None:
             args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
-    return args
-
-
-def package_cmake_args(package_dir: str, cuda_home: Optional[str] = None, with_cuda: Optional[bool] = None) -> List[str]:
-    """Configure arguments of the libpgext that setup.py installs into ``package_dir`` (``.../pgext``)."""
-    args = torch_cmake_args(cuda_home)
-    args.append(f"-DCMAKE_INSTALL_PREFIX={package_dir}")
-    args += [f"-D{k}={v}" for k, v in PACKAGE_INSTALL_DIRS.items()]
-    if with_cuda is not None:
-        args.append(f"-DPGEXT_WITH_CUDA={'ON' if with_cuda else 'OFF'}")
     return args
 
 

@@ -1,6 +1,8 @@
 """Operator registration (opcheck), torch.compile, CPU dispatch, JIT build, threads, determinism."""
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -220,7 +222,8 @@ _CHILD = textwrap.dedent(
     import sys, torch, pgext
     inputs = torch.load(sys.argv[1])
     res = {"torch_cap": torch.backends.cpu.get_cpu_capability(), "pgext_cap": pgext._C.cpu_capability(),
-           "build_mode": pgext.build_mode(), "out": []}
+           "build_mode": pgext.build_mode(), "out": [],
+           "libs": sorted({l.split()[-1] for l in open("/proc/self/maps") if ".so" in l and "pgext" in l.split()[-1]})}
     for logit, action, return_, weight, reduction in inputs:
         logit = logit.clone().requires_grad_()
         l = pgext.pg_error((logit, action, return_), weight=weight, reduction=reduction)
@@ -293,6 +296,11 @@ def test_same_capability_subprocess_is_bitwise_identical(tmp_path):
             assert torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
 
 
+def _needed(path):
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
 @pytest.mark.slow
 def test_jit_build_matches_installed(tmp_path, request):
     """PGEXT_JIT=1 compiles the sources with torch.utils.cpp_extension.load: same results, bit for bit."""
@@ -300,7 +308,13 @@ def test_jit_build_matches_installed(tmp_path, request):
     inputs = _fixed_inputs()
     child = _run_child(tmp_path, inputs, timeout=1800, PGEXT_JIT="1", PGEXT_JIT_BUILD_DIR=str(build_dir))
     assert child["build_mode"] == "jit"
-    assert any(build_dir.rglob("*.so")), f"nothing was built in {build_dir}"
+    # the installed package's shape: a library with the ops, a module linking it; the installed
+    # libpgext is not loaded next to them (both would register the pgext op library)
+    library, module = build_dir / "lib" / "pgext_jit_lib.so", build_dir / "module" / "pgext_jit_C.so"
+    assert child["libs"] == sorted([str(library), str(module)]), child["libs"]
+    if shutil.which("readelf"):
+        assert library.name in _needed(module)
+        assert not [n for n in _needed(library) if "python" in n], _needed(library)
     assert child["pgext_cap"] == pgext._C.cpu_capability()
     for i, (a, b) in enumerate(zip(_in_process(inputs), child["out"])):
         for name, x, y in zip(("policy", "entropy", "grad"), a, b):
