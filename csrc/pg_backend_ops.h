@@ -159,7 +159,7 @@ struct BackendOps {
         inv_count,
         shard_vocab_start,
         grad_logit);
-    return grad_logit.view(logit.sizes());
+    return logit.dim() == 2 ? grad_logit : grad_logit.view(logit.sizes());
   }
 };
 

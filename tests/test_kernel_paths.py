@@ -115,10 +115,10 @@ def test_freed_gradient_block_is_reused_and_fully_rewritten():
     g2 = _grad_of(second)  # the freed block comes back, with every entry rewritten
     assert g2.data_ptr() == ptr
     assert torch.equal(g2, held)
-    # a request of another size does not get it
+    # a request of another size releases the block (malloc may well hand the
+    # same address out again) and still gets a whole, correct gradient
     del g2
-    other = _grad_of(make_inputs((64,), 30000, torch.float32, seed=9))
-    assert other.data_ptr() != ptr
+    check_against_reference(make_inputs((64,), 30000, torch.float32, seed=9), "mean", wrt=("logit",))
     check_against_reference(second, "mean", wrt=("logit",))
 
 

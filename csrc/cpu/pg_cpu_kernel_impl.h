@@ -7,6 +7,7 @@
 // thread count, so a row split across threads gives bitwise the same result
 // as a row done by one thread.
 #include "pg_cpu_kernel.h"
+#include "pg_cpu_rows.h"
 #include "pg_cpu_short_rows.h"
 #include "pg_cpu_vec.h"
 
@@ -96,12 +97,11 @@ template <typename scalar_t, typename Emit>
 void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
-  const int64_t row_stride = in.logit.stride(0);
+  const LogitRows<scalar_t> logit(in);
   const int64_t n = in.n;
   const int64_t rows = in.rows;
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  const auto row = [&](int64_t r) { return logit + r * row_stride; };
+  const auto row = [&](int64_t r) { return logit.row(r); };
   const auto stats_of_block = [&](int64_t r, int64_t b, acc_t* buf) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
@@ -144,100 +144,53 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
 template <typename scalar_t>
 void forward_typed(const RowInputs& in, ForwardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
-  acc_t* entropy = out.entropy.mutable_data_ptr<acc_t>();
-  acc_t* policy = out.policy.mutable_data_ptr<acc_t>();
-  acc_t* entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
+  const ForwardSink<acc_t> sink(in, out);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const auto res = math::finish_row(st);
-    const acc_t w = weight ? weight[r] : acc_t(1);
-    lse[r] = res.lse;
-    entropy[r] = res.entropy;
-    policy[r] = math::policy_term(static_cast<acc_t>(row[action[r]]), res.lse, ret[r], w);
-    entropy_weighted[r] = math::entropy_term(res.entropy, w);
+    sink.put(r, static_cast<acc_t>(row[sink.action[r]]), res.lse, res.entropy);
   });
 }
 
 template <typename scalar_t>
 void row_stats_typed(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  const int64_t n = in.n;
-  acc_t* max = out.max.mutable_data_ptr<acc_t>();
-  acc_t* sum_exp = out.sum_exp.mutable_data_ptr<acc_t>();
-  acc_t* shifted_sum = out.shifted_sum.mutable_data_ptr<acc_t>();
-  acc_t* action_logit = out.action_logit.mutable_data_ptr<acc_t>();
+  const ShardSink<acc_t> sink(in, vocab_start, out);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
-    max[r] = st.m;
-    sum_exp[r] = st.s;
-    shifted_sum[r] = st.u;
-    const int64_t a = action[r] - vocab_start;
-    action_logit[r] = a >= 0 && a < n ? static_cast<acc_t>(row[a]) : acc_t(0);
+    const int64_t a = sink.action_column(r);
+    sink.put(r, st.m, st.s, st.u, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0));
   });
 }
 
 template <typename scalar_t>
-void backward_typed(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse_t,
-    const at::Tensor& entropy_t,
-    double inv_count_d,
-    int64_t vocab_start,
-    at::Tensor& grad_logit) {
+void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<scalar_t>>& src, at::Tensor& grad_logit) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
 
-  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
-  const int64_t row_stride = in.logit.stride(0);
+  const LogitRows<scalar_t> logit(in);
   const int64_t n = in.n;
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* g_pol = grad_policy.const_data_ptr<acc_t>();
-  const int64_t g_pol_stride = grad_policy.stride(0);
-  const acc_t* g_ent = grad_entropy.const_data_ptr<acc_t>();
-  const int64_t g_ent_stride = grad_entropy.stride(0);
-  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
-  const acc_t* entropy = entropy_t.const_data_ptr<acc_t>();
   scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
-  const acc_t inv_count = static_cast<acc_t>(inv_count_d);
 
-  // Where the gradient goes through a buffer: converted to a half type, or
-  // streamed (pg_cpu_vec.h) when it is too large for the caches.
+  // Gradients too large for the caches are streamed (pg_cpu_vec.h) from a
+  // block buffer.
   const bool stream = in.rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
-  const bool buffered = kConvert || stream;
   const int64_t tasks = in.rows * nblocks;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(kConvert ? kBlock : 0);
-    std::vector<acc_t> gbuf(buffered ? kBlock : 0);
+    std::vector<acc_t> gbuf(kConvert || stream ? kBlock : 0);
     std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
     for (const auto t : c10::irange(begin, end)) {
       const int64_t r = t / nblocks;
       const int64_t start = (t % nblocks) * kBlock;
       const int64_t len = std::min(kBlock, n - start);
-      const acc_t w = weight ? weight[r] : acc_t(1);
-      const auto c = math::grad_coef(
-          g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
-
-      const acc_t* x = load_block(logit + r * row_stride + start, len, xbuf.data());
+      const auto c = src.coef(r);
+      const scalar_t* x = logit.row(r) + start;
       scalar_t* dst = out + r * n + start;
-      acc_t* g = nullptr;
-      if constexpr (kConvert) {
-        g = gbuf.data();
-      } else {
-        g = buffered ? gbuf.data() : dst;
-      }
+      const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
 
-      const V vlse(lse[r]);
+      const V vlse(src.lse[r]);
       const V vk(c.k);
       const V vce(c.c_entropy);
       const auto grad_vec = [&](const V& xv) {
@@ -245,26 +198,62 @@ void backward_typed(
         const V p = vexp(tv);
         return at::vec::fnmadd(vce, p * tv, p * vk);
       };
-      int64_t i = 0;
-      for (; i + W <= len; i += W) {
-        grad_vec(V::loadu(x + i)).store(g + i);
-      }
-      if (i < len) {
-        grad_vec(V::loadu(x + i, len - i)).store(g + i, len - i);
-      }
-      const int64_t a = action[r] - vocab_start - start;
-      if (a >= 0 && a < len) {
-        g[a] -= c.c_policy;
-      }
-      if constexpr (kConvert) {
-        if (stream) {
-          store_block(g, len, sbuf.data());
-          stream_copy(sbuf.data(), len * static_cast<int64_t>(sizeof(scalar_t)), dst);
-        } else {
-          store_block(g, len, dst);
+      // grad of `count` logits in acc_t at x_acc into g, the one-hot entry
+      // (at column a - offset) included
+      const auto grad_run = [&](const acc_t* x_acc, int64_t count, int64_t offset, acc_t* g) {
+        int64_t i = 0;
+        for (; i + W <= count; i += W) {
+          grad_vec(V::loadu(x_acc + i)).store(g + i);
         }
-      } else if (stream) {
-        stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+        if (i < count) {
+          grad_vec(V::loadu(x_acc + i, count - i)).store(g + i, count - i);
+        }
+        if (a >= offset && a < offset + count) {
+          g[a - offset] -= c.c_policy;
+        }
+      };
+
+      if constexpr (!kConvert) {
+        acc_t* g = stream ? gbuf.data() : dst;
+        grad_run(x, len, 0, g);
+        if (stream) {
+          stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+        }
+      } else {
+        // Half types: convert, compute and convert back in registers, two
+        // float vectors per half vector; only the ragged end goes through
+        // float buffers.
+        using VS = Vectorized<scalar_t>;
+        constexpr int64_t WS = VS::size();
+        scalar_t* d = stream ? sbuf.data() : dst;
+        int64_t i = 0;
+        for (; i + WS <= len; i += WS) {
+          auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VS::loadu(x + i));
+          V g_lo = grad_vec(lo);
+          V g_hi = grad_vec(hi);
+          if (a >= i && a < i + WS) {
+            alignas(64) acc_t g[WS];
+            g_lo.store(g);
+            g_hi.store(g + W);
+            g[a - i] -= c.c_policy;
+            g_lo = V::loadu(g);
+            g_hi = V::loadu(g + W);
+          }
+          at::vec::convert_from_float<scalar_t>(g_lo, g_hi).store(d + i);
+        }
+        if (i < len) {
+          acc_t* g = gbuf.data();
+          for (int64_t j = i; j < len; ++j) {
+            g[j] = static_cast<acc_t>(x[j]);
+          }
+          grad_run(g + i, len - i, i, g + i);
+          for (int64_t j = i; j < len; ++j) {
+            d[j] = static_cast<scalar_t>(g[j]);
+          }
+        }
+        if (stream) {
+          stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+        }
       }
     }
     if (stream) {
@@ -318,12 +307,12 @@ void backward(
     at::Tensor& grad_logit) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
+        const BackwardSource<at::opmath_type<scalar_t>> src(
+            in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start);
         if (short_rows_backward<scalar_t>(in)) {
-          backward_short_rows<scalar_t>(
-              in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
+          backward_short_rows<scalar_t>(in, src, grad_logit);
         } else {
-          backward_typed<scalar_t>(
-              in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start, grad_logit);
+          backward_typed<scalar_t>(in, src, grad_logit);
         }
       });
 }

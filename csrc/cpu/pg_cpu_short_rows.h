@@ -7,9 +7,8 @@
 // Lanes never mix: a row's result depends on its own logits only, and tiles
 // start at multiples of W, so results do not depend on the thread count.
 // Include only from pg_cpu_kernel_impl.h.
+#include "pg_cpu_rows.h"
 #include "pg_cpu_vec.h"
-
-#include "pg_cpu_kernel.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -42,11 +41,11 @@ struct ShortTiles {
 // tile[j * W + i] = logit j of row r0 + i. A last, partial tile repeats its
 // last row, so every lane holds real logits and nothing is read out of range.
 template <typename scalar_t, typename acc_t>
-inline void load_tile(const scalar_t* logit, int64_t row_stride, int64_t r0, int64_t live, int64_t n, acc_t* tile) {
+inline void load_tile(const LogitRows<scalar_t>& x, int64_t r0, int64_t live, acc_t* tile) {
   constexpr int64_t W = Vectorized<acc_t>::size();
   for (int64_t i = 0; i < W; ++i) {
-    const scalar_t* row = logit + (r0 + std::min(i, live - 1)) * row_stride;
-    for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* row = x.row(r0 + std::min(i, live - 1));
+    for (int64_t j = 0; j < x.n; ++j) {
       tile[j * W + i] = static_cast<acc_t>(row[j]);
     }
   }
@@ -83,44 +82,41 @@ inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n) {
   return {m, V::blendv(s, m, nan), V::blendv(u, m, nan)};
 }
 
+// Loads every tile of W rows, computes its statistics and hands both to
+// emit(r0, live, tile, stats), for rows [r0, r0 + live); tiles of different
+// threads at once.
+template <typename scalar_t, typename Emit>
+void for_each_tile_stats(const RowInputs& in, const Emit& emit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  const LogitRows<scalar_t> x(in);
+  const ShortTiles<acc_t> tiles{x.rows, x.n};
+  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * W;
+      const int64_t live = std::min(W, x.rows - r0);
+      load_tile(x, r0, live, tile);
+      emit(r0, live, static_cast<const acc_t*>(tile), tile_stats(tile, x.n));
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_short_rows(const RowInputs& in, ForwardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
-  const int64_t row_stride = in.logit.stride(0);
-  const int64_t n = in.n;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  acc_t* lse = out.lse.mutable_data_ptr<acc_t>();
-  acc_t* entropy = out.entropy.mutable_data_ptr<acc_t>();
-  acc_t* policy = out.policy.mutable_data_ptr<acc_t>();
-  acc_t* entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
-  const ShortTiles<acc_t> tiles{in.rows, n};
-
-  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
-    alignas(64) acc_t lse_lane[W];
-    alignas(64) acc_t ent_lane[W];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * W;
-      const int64_t live = std::min(W, in.rows - r0);
-      load_tile(logit, row_stride, r0, live, n, tile);
-      const TileStats<acc_t> st = tile_stats(tile, n);
-      // finish_row, for W rows at once
-      const V log_s = st.s.log();
-      (st.m + log_s).store(lse_lane);
-      (log_s - st.u / st.s).store(ent_lane);
-      for (int64_t i = 0; i < live; ++i) {
-        const int64_t r = r0 + i;
-        const acc_t w = weight ? weight[r] : acc_t(1);
-        lse[r] = lse_lane[i];
-        entropy[r] = ent_lane[i];
-        policy[r] = math::policy_term(tile[action[r] * W + i], lse_lane[i], ret[r], w);
-        entropy_weighted[r] = math::entropy_term(ent_lane[i], w);
-      }
+  const ForwardSink<acc_t> sink(in, out);
+  for_each_tile_stats<scalar_t>(in, [&](int64_t r0, int64_t live, const acc_t* tile, const TileStats<acc_t>& st) {
+    // finish_row, for W rows at once
+    alignas(64) acc_t lse[W];
+    alignas(64) acc_t entropy[W];
+    const V log_s = st.s.log();
+    (st.m + log_s).store(lse);
+    (log_s - st.u / st.s).store(entropy);
+    for (int64_t i = 0; i < live; ++i) {
+      sink.put(r0 + i, tile[sink.action[r0 + i] * W + i], lse[i], entropy[i]);
     }
   });
 }
@@ -129,69 +125,30 @@ template <typename scalar_t>
 void row_stats_short_rows(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = Vectorized<acc_t>::size();
-  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
-  const int64_t row_stride = in.logit.stride(0);
-  const int64_t n = in.n;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  acc_t* max = out.max.mutable_data_ptr<acc_t>();
-  acc_t* sum_exp = out.sum_exp.mutable_data_ptr<acc_t>();
-  acc_t* shifted_sum = out.shifted_sum.mutable_data_ptr<acc_t>();
-  acc_t* action_logit = out.action_logit.mutable_data_ptr<acc_t>();
-  const ShortTiles<acc_t> tiles{in.rows, n};
-
-  at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
+  const ShardSink<acc_t> sink(in, vocab_start, out);
+  for_each_tile_stats<scalar_t>(in, [&](int64_t r0, int64_t live, const acc_t* tile, const TileStats<acc_t>& st) {
     alignas(64) acc_t m[W];
     alignas(64) acc_t s[W];
     alignas(64) acc_t u[W];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * W;
-      const int64_t live = std::min(W, in.rows - r0);
-      load_tile(logit, row_stride, r0, live, n, tile);
-      const TileStats<acc_t> st = tile_stats(tile, n);
-      st.m.store(m);
-      st.s.store(s);
-      st.u.store(u);
-      for (int64_t i = 0; i < live; ++i) {
-        const int64_t r = r0 + i;
-        max[r] = m[i];
-        sum_exp[r] = s[i];
-        shifted_sum[r] = u[i];
-        const int64_t a = action[r] - vocab_start;
-        action_logit[r] = a >= 0 && a < n ? tile[a * W + i] : acc_t(0);
-      }
+    st.m.store(m);
+    st.s.store(s);
+    st.u.store(u);
+    for (int64_t i = 0; i < live; ++i) {
+      const int64_t a = sink.action_column(r0 + i);
+      sink.put(r0 + i, m[i], s[i], u[i], a >= 0 ? tile[a * W + i] : acc_t(0));
     }
   });
 }
 
 template <typename scalar_t>
-void backward_short_rows(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse_t,
-    const at::Tensor& entropy_t,
-    double inv_count_d,
-    int64_t vocab_start,
-    at::Tensor& grad_logit) {
+void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_type<scalar_t>>& src, at::Tensor& grad_logit) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const scalar_t* logit = in.logit.const_data_ptr<scalar_t>();
-  const int64_t row_stride = in.logit.stride(0);
-  const int64_t n = in.n;
-  const int64_t* action = in.action.const_data_ptr<int64_t>();
-  const acc_t* ret = in.ret.const_data_ptr<acc_t>();
-  const acc_t* weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* g_pol = grad_policy.const_data_ptr<acc_t>();
-  const int64_t g_pol_stride = grad_policy.stride(0);
-  const acc_t* g_ent = grad_entropy.const_data_ptr<acc_t>();
-  const int64_t g_ent_stride = grad_entropy.stride(0);
-  const acc_t* lse = lse_t.const_data_ptr<acc_t>();
-  const acc_t* entropy = entropy_t.const_data_ptr<acc_t>();
+  const LogitRows<scalar_t> x(in);
   scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
-  const acc_t inv_count = static_cast<acc_t>(inv_count_d);
-  const ShortTiles<acc_t> tiles{in.rows, n};
+  const int64_t n = x.n;
+  const ShortTiles<acc_t> tiles{x.rows, n};
 
   at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
@@ -202,20 +159,18 @@ void backward_short_rows(
     alignas(64) acc_t action_lane[W];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * W;
-      const int64_t live = std::min(W, in.rows - r0);
-      load_tile(logit, row_stride, r0, live, n, tile);
+      const int64_t live = std::min(W, x.rows - r0);
+      load_tile(x, r0, live, tile);
       for (int64_t i = 0; i < W; ++i) {
         const int64_t r = r0 + std::min(i, live - 1);
-        const acc_t w = weight ? weight[r] : acc_t(1);
-        const auto c = math::grad_coef(
-            g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
-        lse_lane[i] = lse[r];
+        const auto c = src.coef(r);
+        lse_lane[i] = src.lse[r];
         k_lane[i] = c.k;
         ce_lane[i] = c.c_entropy;
         cp_lane[i] = c.c_policy;
-        // The action's column within this shard, or -1: exact in acc_t,
+        // The action's column, or -1 outside this shard: exact in acc_t,
         // since short rows have few columns.
-        const int64_t a = action[r] - vocab_start;
+        const int64_t a = src.action_column(r);
         action_lane[i] = a >= 0 && a < n ? static_cast<acc_t>(a) : acc_t(-1);
       }
       const V vlse = V::loadu(lse_lane);

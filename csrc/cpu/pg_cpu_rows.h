@@ -1,0 +1,141 @@
+#pragma once
+// What the CPU kernels read and write per row, as raw pointers taken once per
+// call, shared by the per-row (pg_cpu_kernel_impl.h) and the short-row
+// (pg_cpu_short_rows.h) kernels. Include only from those.
+#include "pg_cpu_kernel.h"
+
+#include "../pg_math.h"
+
+#include <ATen/OpMathType.h>
+
+namespace pgext {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// The logits as rows of n, unit-strided within a row.
+template <typename scalar_t>
+struct LogitRows {
+  explicit LogitRows(const RowInputs& in)
+      : data(in.logit.const_data_ptr<scalar_t>()), stride(in.logit.stride(0)), n(in.n), rows(in.rows) {}
+  const scalar_t* row(int64_t r) const {
+    return data + r * stride;
+  }
+  const scalar_t* data;
+  int64_t stride;
+  int64_t n;
+  int64_t rows;
+};
+
+// pg_error_forward's per-row outputs.
+template <typename acc_t>
+struct ForwardSink {
+  ForwardSink(const RowInputs& in, ForwardRows& out)
+      : action(in.action.const_data_ptr<int64_t>()),
+        ret(in.ret.const_data_ptr<acc_t>()),
+        weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
+        lse(out.lse.mutable_data_ptr<acc_t>()),
+        entropy(out.entropy.mutable_data_ptr<acc_t>()),
+        policy(out.policy.mutable_data_ptr<acc_t>()),
+        entropy_weighted(out.entropy_weighted.mutable_data_ptr<acc_t>()) {}
+
+  void put(int64_t r, acc_t x_action, acc_t row_lse, acc_t row_entropy) const {
+    const acc_t w = weight ? weight[r] : acc_t(1);
+    lse[r] = row_lse;
+    entropy[r] = row_entropy;
+    policy[r] = math::policy_term(x_action, row_lse, ret[r], w);
+    entropy_weighted[r] = math::entropy_term(row_entropy, w);
+  }
+
+  const int64_t* action;  // checked to lie in [0, n) before any kernel runs
+  const acc_t* ret;
+  const acc_t* weight;
+  acc_t* lse;
+  acc_t* entropy;
+  acc_t* policy;
+  acc_t* entropy_weighted;
+};
+
+// pg_row_stats' per-row outputs, for the classes [vocab_start, vocab_start + n).
+template <typename acc_t>
+struct ShardSink {
+  ShardSink(const RowInputs& in, int64_t vocab_start_, ShardRows& out)
+      : action(in.action.const_data_ptr<int64_t>()),
+        vocab_start(vocab_start_),
+        n(in.n),
+        max(out.max.mutable_data_ptr<acc_t>()),
+        sum_exp(out.sum_exp.mutable_data_ptr<acc_t>()),
+        shifted_sum(out.shifted_sum.mutable_data_ptr<acc_t>()),
+        action_logit(out.action_logit.mutable_data_ptr<acc_t>()) {}
+
+  // The action's column in this shard, or -1 when another shard holds it.
+  int64_t action_column(int64_t r) const {
+    const int64_t a = action[r] - vocab_start;
+    return a >= 0 && a < n ? a : -1;
+  }
+
+  void put(int64_t r, acc_t m, acc_t s, acc_t u, acc_t x_action) const {
+    max[r] = m;
+    sum_exp[r] = s;
+    shifted_sum[r] = u;
+    action_logit[r] = x_action;
+  }
+
+  const int64_t* action;
+  int64_t vocab_start;
+  int64_t n;
+  acc_t* max;
+  acc_t* sum_exp;
+  acc_t* shifted_sum;
+  acc_t* action_logit;
+};
+
+// Backward's per-row inputs: grad_policy / grad_entropy are (rows,) with
+// stride 0 or 1, lse and entropy are (rows,) contiguous.
+template <typename acc_t>
+struct BackwardSource {
+  BackwardSource(
+      const RowInputs& in,
+      const at::Tensor& grad_policy,
+      const at::Tensor& grad_entropy,
+      const at::Tensor& lse_t,
+      const at::Tensor& entropy_t,
+      double inv_count_d,
+      int64_t vocab_start_)
+      : action(in.action.const_data_ptr<int64_t>()),
+        vocab_start(vocab_start_),
+        ret(in.ret.const_data_ptr<acc_t>()),
+        weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
+        g_pol(grad_policy.const_data_ptr<acc_t>()),
+        g_pol_stride(grad_policy.stride(0)),
+        g_ent(grad_entropy.const_data_ptr<acc_t>()),
+        g_ent_stride(grad_entropy.stride(0)),
+        lse(lse_t.const_data_ptr<acc_t>()),
+        entropy(entropy_t.const_data_ptr<acc_t>()),
+        inv_count(static_cast<acc_t>(inv_count_d)) {}
+
+  math::RowGradCoef<acc_t> coef(int64_t r) const {
+    const acc_t w = weight ? weight[r] : acc_t(1);
+    return math::grad_coef(g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
+  }
+
+  // The action's column within the row (or shard); may lie outside [0, n).
+  int64_t action_column(int64_t r) const {
+    return action[r] - vocab_start;
+  }
+
+  const int64_t* action;
+  int64_t vocab_start;
+  const acc_t* ret;
+  const acc_t* weight;
+  const acc_t* g_pol;
+  int64_t g_pol_stride;
+  const acc_t* g_ent;
+  int64_t g_ent_stride;
+  const acc_t* lse;
+  const acc_t* entropy;
+  acc_t inv_count;
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace pgext

@@ -1,0 +1,53 @@
+"""The benchmark tools run and report what they measured (tiny shapes, few calls)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(args, timeout=600):
+    res = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_bench_writes_tables_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    res = run(
+        [
+            "-m", "pgext.bench", "--shapes", "16x5,8x300", "--thp", "on", "--no-compile",
+            "--repeat", "3", "--json", str(out_json), "--plot", str(out_png),
+        ]
+    )
+    assert "| 16x5 " in res.stdout and "| 8x300 " in res.stdout, res.stdout
+    data = json.loads(out_json.read_text())
+    (mode,) = data["modes"]
+    assert mode["thp"] == "on"
+    shapes = {tuple(r["shape"]): r for r in mode["results"]}
+    assert set(shapes) == {(16, 5), (8, 300)}
+    for r in shapes.values():
+        for impl in ("pgext", "reference", "exp"):
+            assert r["impls"][impl]["median_ms"] > 0
+            assert r["impls"][impl]["calls"] == 3
+        assert r["impls"]["pgext"]["saved_bytes"] == 8 * r["shape"][0]  # lse and H, float32
+        assert r["impls"]["compiled"]["error"] == "skipped (--no-compile)"
+        ratio = r["impls"]["reference"]["median_ms"] / r["impls"]["pgext"]["median_ms"]
+        assert r["ratios"]["ref/pgext"] == pytest.approx(ratio)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_batch_floor_script():
+    res = run(["benchmarks/small_batch_floor.py", "--shapes", "8x2", "--rounds", "2", "--calls", "20"])
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 8x2 ")]
+    assert len(rows) == 1, res.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    pgext_us, ref_us, floor_us, ratio, best = (float(c) for c in cells[1:])
+    assert min(pgext_us, ref_us, floor_us) > 0
+    assert ratio == pytest.approx(ref_us / pgext_us, rel=0.01)
+    assert best == pytest.approx(ref_us / floor_us, rel=0.01)
