@@ -500,6 +500,12 @@ def test_cmake_package_and_cpp_tests(standalone_prefix, scripted_module):
     libs = subprocess.run(["ldd", str(next((prefix / "lib").glob("libpgext.so.*")))], capture_output=True,
                           text=True).stdout
     assert "libpython" not in libs and "torch_python" not in libs, libs
+    # -fopenmp reaches the CMake build too: at::parallel_for is serial without it
+    undefined = subprocess.run(
+        ["nm", "-D", "--undefined-only", str(next((prefix / "lib").glob("libpgext.so.*")))],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "GOMP_parallel" in undefined
 
     build = _build_cpp_tests("standalone", prefix, scripted_module)
     linked = [v for k, v in _ldd(build / "pgext_cpp_tests").items() if k.startswith("libpgext.so")]
