@@ -2,7 +2,8 @@
 // from kernel_<capability>.cpp, after CPU_CAPABILITY is defined.
 //
 // Rows are processed in cache blocks of kBlock logits. Forward takes each
-// block's max, then its exp sums from cache (so memory is read once), and
+// block's max, then its exp sums from cache (so memory is read once; half
+// types are converted in registers, both times), and
 // merges block statistics in block order. The order never depends on the
 // thread count, so a row split across threads gives bitwise the same result
 // as a row done by one thread.
@@ -34,18 +35,41 @@ constexpr int64_t kGrain = 32768;
 // cannot stay in the caches (32 MiB of L3 here) until anyone reads them.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
-template <typename acc_t>
-RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
+// 2W logits at x as two vectors of the accumulation type: half types are
+// converted in registers, so that a block is never copied to a float buffer.
+template <typename scalar_t>
+inline auto load_pair(const scalar_t* x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return std::pair<V, V>(V::loadu(x), V::loadu(x + V::size()));
+  } else {
+    static_assert(Vectorized<scalar_t>::size() == 2 * V::size());
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x));
+    return std::pair<V, V>(lo, hi);
+  }
+}
+
+template <typename scalar_t>
+RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const int64_t full = len - len % W;
+  const int64_t full = len - len % (2 * W);
+  const int64_t rest = len - full;
+  // The ragged end, padded with -inf so that it adds nothing to the sums.
+  alignas(64) acc_t tail[2 * W];
+  for (int64_t j = 0; j < 2 * W; ++j) {
+    tail[j] = j < rest ? static_cast<acc_t>(x[full + j]) : math::neg_inf<acc_t>();
+  }
 
   V vmax(math::neg_inf<acc_t>());
-  for (int64_t i = 0; i < full; i += W) {
-    vmax = at::vec::maximum(vmax, V::loadu(x + i));
+  for (int64_t i = 0; i < full; i += 2 * W) {
+    const auto [a, b] = load_pair(x + i);
+    vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
   }
-  if (full < len) {
-    vmax = at::vec::maximum(vmax, load_tail(x + full, len - full));
+  if (rest > 0) {
+    vmax = at::vec::maximum(vmax, at::vec::maximum(V::loadu(tail), V::loadu(tail + W)));
   }
   const acc_t m = at::vec::vec_reduce_all<acc_t>(
       [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
@@ -59,28 +83,25 @@ RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
   // Two independent accumulator pairs keep the exp pipeline busy.
   const V vm(m);
   V s0(acc_t(0)), s1(acc_t(0)), u0(acc_t(0)), u1(acc_t(0));
-  int64_t i = 0;
-  for (; i + 2 * W <= full; i += 2 * W) {
-    const V d0 = shifted(V::loadu(x + i), vm);
-    const V d1 = shifted(V::loadu(x + i + W), vm);
-    const V e0 = vexp(d0);
-    const V e1 = vexp(d1);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-    u0 = at::vec::fmadd(e0, d0, u0);
-    u1 = at::vec::fmadd(e1, d1, u1);
-  }
-  if (i < full) {
-    const V d = shifted(V::loadu(x + i), vm);
+  const auto add_to = [&](const V& x_acc, V& s, V& u) {
+    const V d = shifted(x_acc, vm);
     const V e = vexp(d);
-    s0 = s0 + e;
-    u0 = at::vec::fmadd(e, d, u0);
+    s = s + e;
+    u = at::vec::fmadd(e, d, u);
+  };
+  for (int64_t i = 0; i < full; i += 2 * W) {
+    const auto [a, b] = load_pair(x + i);
+    add_to(a, s0, u0);
+    add_to(b, s1, u1);
   }
-  if (full < len) {
-    const V d = shifted(load_tail(x + full, len - full), vm);
-    const V e = vexp(d);
-    s1 = s1 + e;
-    u1 = at::vec::fmadd(e, d, u1);
+  // A whole vector left goes to the first pair, a partial one to the second.
+  if (rest >= W) {
+    add_to(V::loadu(tail), s0, u0);
+    if (rest > W) {
+      add_to(V::loadu(tail + W), s1, u1);
+    }
+  } else if (rest > 0) {
+    add_to(V::loadu(tail), s1, u1);
   }
   const auto add = [](V& a, V& b) { return a + b; };
   RowStats<acc_t> st;
@@ -96,28 +117,25 @@ RowStats<acc_t> block_stats(const acc_t* x, int64_t len) {
 template <typename scalar_t, typename Emit>
 void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const LogitRows<scalar_t> logit(in);
   const int64_t n = in.n;
   const int64_t rows = in.rows;
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const auto row = [&](int64_t r) { return logit.row(r); };
-  const auto stats_of_block = [&](int64_t r, int64_t b, acc_t* buf) {
+  const auto stats_of_block = [&](int64_t r, int64_t b) {
     const int64_t start = b * kBlock;
-    const int64_t len = std::min(kBlock, n - start);
-    return block_stats(load_block(row(r) + start, len, buf), len);
+    return block_stats(row(r) + start, std::min(kBlock, n - start));
   };
 
   const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
   if (!split_rows) {
     const int64_t grain = std::max<int64_t>(1, kGrain / n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(kConvert ? kBlock : 0);
       for (const auto r : c10::irange(begin, end)) {
         // combine(empty, block) is exactly `block`: start from block 0.
-        RowStats<acc_t> st = stats_of_block(r, 0, buf.data());
+        RowStats<acc_t> st = stats_of_block(r, 0);
         for (const auto b : c10::irange(1, nblocks)) {
-          st = math::combine(st, stats_of_block(r, b, buf.data()));
+          st = math::combine(st, stats_of_block(r, b));
         }
         emit(r, row(r), st);
       }
@@ -127,9 +145,8 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   // Few long rows: block statistics in parallel, then the same ordered merge.
   std::vector<RowStats<acc_t>> partial(rows * nblocks);
   at::parallel_for(0, rows * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(kConvert ? kBlock : 0);
     for (const auto t : c10::irange(begin, end)) {
-      partial[t] = stats_of_block(t / nblocks, t % nblocks, buf.data());
+      partial[t] = stats_of_block(t / nblocks, t % nblocks);
     }
   });
   for (const auto r : c10::irange(rows)) {

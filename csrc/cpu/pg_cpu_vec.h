@@ -35,49 +35,6 @@ inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<ac
   return at::vec::clamp_min(x - shift, Vectorized<acc_t>(math::lowest<acc_t>()));
 }
 
-// The logits of one block in the accumulation type: a pointer into the row
-// when no conversion is needed, else converted into `buf`.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_block(const scalar_t* src, int64_t len, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    using VS = Vectorized<scalar_t>;
-    using VF = Vectorized<float>;
-    int64_t i = 0;
-    for (; i + VS::size() <= len; i += VS::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VS::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + VF::size());
-    }
-    for (; i < len; ++i) {
-      buf[i] = static_cast<float>(src[i]);
-    }
-    return buf;
-  }
-}
-
-template <typename scalar_t>
-inline void store_block(const float* src, int64_t len, scalar_t* dst) {
-  using VS = Vectorized<scalar_t>;
-  using VF = Vectorized<float>;
-  int64_t i = 0;
-  for (; i + VS::size() <= len; i += VS::size()) {
-    at::vec::convert_from_float<scalar_t>(VF::loadu(src + i), VF::loadu(src + i + VF::size()))
-        .store(dst + i);
-  }
-  for (; i < len; ++i) {
-    dst[i] = static_cast<scalar_t>(src[i]);
-  }
-}
-
-// A partial last vector, padded with -inf so it adds nothing to the sums.
-template <typename acc_t>
-inline Vectorized<acc_t> load_tail(const acc_t* x, int64_t count) {
-  using V = Vectorized<acc_t>;
-  return V::set(V(math::neg_inf<acc_t>()), V::loadu(x, count), count);
-}
-
 // Copies `nbytes` to memory that will not be read again soon (a gradient
 // larger than the caches) with non-temporal stores: they skip the
 // read-for-ownership of each destination line, a third of backward's memory
