@@ -154,8 +154,8 @@ struct BackendOps {
         in,
         rows_of_grad(grad_policy, in.rows, acc),
         rows_of_grad(grad_entropy, in.rows, acc),
-        stats_as_rows(lse, in.rows, acc),
-        stats_as_rows(entropy, in.rows, acc),
+        as_rows(lse, in.rows, acc),
+        as_rows(entropy, in.rows, acc),
         inv_count,
         shard_vocab_start,
         grad_logit);

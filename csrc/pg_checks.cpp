@@ -145,16 +145,14 @@ at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
   return logit.contiguous().view({rows, n});
 }
 
-// `t` as a contiguous (rows,) tensor of dtype `type`; `t` itself when it is
-// one already (small batches: each dispatched no-op costs as much as a row).
+}  // namespace
+
 at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type) {
   if (t.dim() == 1 && t.scalar_type() == type && t.is_contiguous()) {
     return t;
   }
   return t.reshape({rows}).to(type).contiguous();
 }
-
-}  // namespace
 
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
   RowInputs in;
@@ -186,8 +184,5 @@ at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc
   return as_rows(grad, rows, acc);
 }
 
-at::Tensor stats_as_rows(const at::Tensor& stats, int64_t rows, at::ScalarType acc) {
-  return as_rows(stats, rows, acc);
-}
 
 }  // namespace pgext

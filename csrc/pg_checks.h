@@ -76,8 +76,9 @@ RowInputs flatten_rows(
 // (reductions 'mean' and 'sum') is expanded with stride 0, not copied.
 at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc);
 
-// Saved per-sample statistics (the shape of action) as contiguous (rows,) in
-// the accumulation dtype, without a copy when they are that already.
-at::Tensor stats_as_rows(const at::Tensor& stats, int64_t rows, at::ScalarType acc);
+// `t` (rows elements) as a contiguous (rows,) tensor of dtype `type`: `t`
+// itself when it is one already (small batches: each dispatched no-op costs
+// as much as a row).
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type);
 
 }  // namespace pgext

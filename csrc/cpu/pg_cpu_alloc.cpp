@@ -120,8 +120,7 @@ HugePageAllocator& huge_page_allocator() {
   return allocator;
 }
 
-}  // namespace
-
+// Whether empty_logit_sized asks for huge pages (PGEXT_HUGE_PAGES, read once).
 bool huge_pages_enabled() {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = env_enabled("PGEXT_HUGE_PAGES");
@@ -130,6 +129,8 @@ bool huge_pages_enabled() {
   return false;
 #endif
 }
+
+}  // namespace
 
 at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
   const auto dtype = c10::typeMetaToScalarType(options.dtype());

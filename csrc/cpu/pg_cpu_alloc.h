@@ -15,8 +15,5 @@ namespace cpu {
 // PGEXT_GRAD_CACHE=0 turns that off.
 at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options);
 
-// Whether empty_logit_sized asks for huge pages (PGEXT_HUGE_PAGES, read once).
-bool huge_pages_enabled();
-
 }  // namespace cpu
 }  // namespace pgext

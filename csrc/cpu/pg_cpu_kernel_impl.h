@@ -29,8 +29,6 @@ using math::RowStats;
 
 // 4096 float32 logits = 16 KiB: the block stays in L1 between its two passes.
 constexpr int64_t kBlock = 4096;
-// Elements per parallel task, as at::internal::GRAIN_SIZE.
-constexpr int64_t kGrain = 32768;
 // Gradients at least this large are written with non-temporal stores: they
 // cannot stay in the caches (32 MiB of L3 here) until anyone reads them.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;

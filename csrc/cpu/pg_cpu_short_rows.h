@@ -22,9 +22,6 @@ namespace CPU_CAPABILITY {
 template <typename acc_t>
 constexpr int64_t kShortRowMax = 2 * Vectorized<acc_t>::size();
 
-// Elements per parallel task, as at::internal::GRAIN_SIZE.
-constexpr int64_t kShortGrain = 32768;
-
 template <typename acc_t>
 struct ShortTiles {
   static constexpr int64_t W = Vectorized<acc_t>::size();
@@ -34,7 +31,7 @@ struct ShortTiles {
     return (rows + W - 1) / W;
   }
   int64_t grain() const {
-    return std::max<int64_t>(1, kShortGrain / (W * n));
+    return std::max<int64_t>(1, kGrain / (W * n));
   }
 };
 

@@ -20,6 +20,9 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Elements per parallel task, as at::internal::GRAIN_SIZE.
+constexpr int64_t kGrain = 32768;
+
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
   return x.exp_u20();
 }
