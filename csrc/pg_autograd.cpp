@@ -80,6 +80,9 @@ variable_list PgErrorBackward::apply(variable_list&& grads) {
   if (need_logit) {
     const std::optional<at::Tensor> weight_opt =
         weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
+    // Grad mode is off here, so the op's Autograd kernel would only pass the
+    // call on: go straight to the backend kernel.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     grad_logit = ops::pg_error_backward(
         grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, row_entropy, reduction_);
   }

@@ -179,7 +179,7 @@ RowInputs flatten_rows(
 
 at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc) {
   if (grad.dim() == 0) {
-    return grad.to(acc).expand({rows});
+    return grad.scalar_type() == acc ? grad : grad.to(acc);
   }
   return as_rows(grad, rows, acc);
 }

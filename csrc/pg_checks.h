@@ -72,9 +72,15 @@ RowInputs flatten_rows(
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight);
 
-// An upstream gradient as (rows,) in the accumulation dtype: a scalar gradient
-// (reductions 'mean' and 'sum') is expanded with stride 0, not copied.
+// An upstream gradient in the accumulation dtype, one value per row: (rows,)
+// contiguous for reduction 'none', the 0-d gradient itself for 'mean' and
+// 'sum' (read with grad_row_stride 0, no expanded view to build).
 at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc);
+
+// The distance between the values of consecutive rows in rows_of_grad's result.
+inline int64_t grad_row_stride(const at::Tensor& grad_rows) {
+  return grad_rows.dim() == 0 ? 0 : grad_rows.stride(0);
+}
 
 // `t` (rows elements) as a contiguous (rows,) tensor of dtype `type`: `t`
 // itself when it is one already (small batches: each dispatched no-op costs

@@ -48,6 +48,8 @@ def _load_extension():
 _C, _BUILD_MODE = _load_extension()
 __version__: str = _C.__version__
 _pg_error_op = torch.ops.pgext.pg_error.default
+_pg_error_direct = _C.pg_error
+_is_compiling = torch.compiler.is_compiling
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -103,6 +105,16 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
         ``policy_loss = -(return_ * log_prob(action))`` and
         ``entropy_loss = entropy``, reduced.
     """
+    # The common call (plain tensors, no torch function mode, eager) goes
+    # straight to the C++ API: the same dispatcher op without the boxed
+    # torch.ops call, whose overhead dominates small batches. Under
+    # torch.compile, and for whatever the direct call declines (None), the
+    # torch.ops call below: Dynamo traces it, __torch_function__ sees it, and
+    # it raises the argument errors.
+    if not _is_compiling():
+        loss = _pg_error_direct(pg_loss, data, weight, reduction)
+        if loss is not None:
+            return loss
     logit, action, return_ = _check_call(data, weight, reduction)
     policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
     return pg_loss(policy_loss, entropy_loss)

@@ -7,7 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 namespace pgext {
@@ -77,7 +76,13 @@ at::Tensor reduce_rows(const at::Tensor& rows, Reduction red, at::IntArrayRef sh
   if (red == Reduction::Mean) {
     total /= static_cast<double>(rows.numel());  // 0 / 0 = NaN: the mean of an empty batch
   }
-  return at::scalar_tensor(total, rows.options().dtype(dtype));
+  // Written in place rather than by at::scalar_tensor, whose dispatched fill
+  // costs as much as a small batch's kernel.
+  at::Tensor loss = at::empty({}, rows.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pg_error_loss", [&] {
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+  });
+  return loss;
 }
 
 // The CPU backend of BackendOps (pg_backend_ops.h).

@@ -9,8 +9,8 @@ namespace cpu {
 
 // forward: actions are in [0, n). row_stats: the row holds classes
 // [vocab_start, vocab_start + n); other actions read nothing.
-// backward: grad_policy / grad_entropy are (rows,) in the accumulation dtype,
-// stride 0 or 1; grad_logit is (rows, n) contiguous in logit's dtype; the
+// backward: grad_policy / grad_entropy are rows_of_grad's (0-d or (rows,)) in
+// the accumulation dtype; grad_logit is (rows, n) contiguous in logit's dtype; the
 // one-hot term applies where action - vocab_start lies in [0, n).
 using ForwardFn = void (*)(const RowInputs& in, ForwardRows& out);
 using RowStatsFn = void (*)(const RowInputs& in, int64_t vocab_start, ShardRows& out);

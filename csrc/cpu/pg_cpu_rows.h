@@ -89,8 +89,8 @@ struct ShardSink {
   acc_t* action_logit;
 };
 
-// Backward's per-row inputs: grad_policy / grad_entropy are (rows,) with
-// stride 0 or 1, lse and entropy are (rows,) contiguous.
+// Backward's per-row inputs: grad_policy / grad_entropy as rows_of_grad gives
+// them (0-d or (rows,) contiguous), lse and entropy are (rows,) contiguous.
 template <typename acc_t>
 struct BackwardSource {
   BackwardSource(
@@ -106,9 +106,9 @@ struct BackwardSource {
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         g_pol(grad_policy.const_data_ptr<acc_t>()),
-        g_pol_stride(grad_policy.stride(0)),
+        g_pol_stride(grad_row_stride(grad_policy)),
         g_ent(grad_entropy.const_data_ptr<acc_t>()),
-        g_ent_stride(grad_entropy.stride(0)),
+        g_ent_stride(grad_row_stride(grad_entropy)),
         lse(lse_t.const_data_ptr<acc_t>()),
         entropy(entropy_t.const_data_ptr<acc_t>()),
         inv_count(static_cast<acc_t>(inv_count_d)) {}

@@ -25,7 +25,7 @@ void launch_row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out);
 
 // pg_cuda_backward.cu: one read of the logits and one write of grad_logit,
 // (rows, n) contiguous in the logits' dtype. grad_policy / grad_entropy are
-// (rows,) in the accumulation dtype with stride 0 or 1; lse / entropy are
+// rows_of_grad's (0-d or (rows,)) in the accumulation dtype; lse / entropy are
 // (rows,) contiguous in the accumulation dtype. Without a shard (pg_error)
 // every action must lie in [0, n) (a device-side assert checks it); with
 // `shard_vocab_start` the row holds classes [vocab_start, vocab_start + n) and

@@ -158,9 +158,9 @@ void backward_typed(
   p.ret = in.ret.const_data_ptr<acc_t>();
   p.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
   p.grad_policy = grad_policy.const_data_ptr<acc_t>();
-  p.grad_policy_stride = grad_policy.stride(0);
+  p.grad_policy_stride = grad_row_stride(grad_policy);
   p.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
-  p.grad_entropy_stride = grad_entropy.stride(0);
+  p.grad_entropy_stride = grad_row_stride(grad_entropy);
   p.lse = lse.const_data_ptr<acc_t>();
   p.entropy = entropy.const_data_ptr<acc_t>();
   p.inv_count = static_cast<acc_t>(inv_count);
