@@ -168,8 +168,8 @@ def _reduce(rows: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Ten
     if rows.numel() == 0:
         total = rows.new_zeros((), dtype=torch.float64)
     else:
-        # sample order in float64, as the CPU kernel reduces: every rank gets
-        # the same bits whatever its thread count
+        # sample order in float64: every rank gets the same bits whatever its
+        # thread count
         total = rows.reshape(-1).double().cumsum(0)[-1]
     if reduction == "mean":
         total = total / rows.numel()

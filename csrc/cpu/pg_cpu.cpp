@@ -55,15 +55,36 @@ void check_actions(const RowInputs& in) {
   }
 }
 
-// Sums per-sample terms in sample order in float64: the result depends neither
-// on the thread count nor on how rows were split.
+// Sums per-sample terms in float64 in a fixed order: sample i goes to partial
+// sum i % kLanes, and the partial sums are added pairwise at the end. The
+// result depends neither on the thread count nor on how rows were split, and
+// the adds of a lane do not wait on the other lanes' (one running sum made
+// this loop a fifth of a (256, 2) forward).
+template <typename scalar_t>
+double ordered_sum_typed(const scalar_t* p, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      lane[k] += static_cast<double>(p[i + k]);
+    }
+  }
+  for (int64_t k = 0; i < n; ++i, ++k) {
+    lane[k] += static_cast<double>(p[i]);
+  }
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t k = 0; k < width; ++k) {
+      lane[k] += lane[k + width];
+    }
+  }
+  return lane[0];
+}
+
 double ordered_sum(const at::Tensor& rows) {
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "pg_error_sum", [&] {
-    const scalar_t* p = rows.const_data_ptr<scalar_t>();
-    for (int64_t i = 0, n = rows.numel(); i < n; ++i) {
-      total += static_cast<double>(p[i]);
-    }
+    total = ordered_sum_typed(rows.const_data_ptr<scalar_t>(), rows.numel());
   });
   return total;
 }
