@@ -9,8 +9,7 @@
 //                               (CPU); the CUDA kernels assert on the device
 //   forward(in, ForwardRows&)
 //   row_stats(in, vocab_start, ShardRows&)
-//   backward(in, grad_policy, grad_entropy, lse, entropy, inv_count,
-//            shard_vocab_start, grad_logit)
+//   backward(in, BackwardRows, grad_logit)
 //   reduce(policy, entropy_weighted, reduction, shape, dtype)
 //                               -> the two losses, in a fixed order
 //   empty_logit_sized(rows, n, options)
@@ -34,6 +33,19 @@ struct ForwardRows {
   at::Tensor entropy;           // entropy: saved for backward
   at::Tensor policy;            // -w * R * log_prob, before reduction
   at::Tensor entropy_weighted;  // w * H, before reduction
+};
+
+// Backward's inputs besides the logits, actions, returns and weights.
+struct BackwardRows {
+  at::Tensor grad_policy;   // rows_of_grad: 0-d or (rows,), accumulation dtype
+  at::Tensor grad_entropy;  // (read with grad_row_stride)
+  at::Tensor lse;           // (rows,) contiguous, accumulation dtype
+  at::Tensor entropy;       // (rows,) contiguous, accumulation dtype
+  double inv_count;         // 1 / rows for reduction 'mean', else 1
+  // pg_grad_from_stats: the row holds classes [vocab_start, vocab_start + n)
+  // and an action outside them adds no one-hot term. pg_error: none, and
+  // every action lies in [0, n).
+  std::optional<int64_t> shard_vocab_start;
 };
 
 // Per-row statistics of a shard of classes (pg_row_stats), all (rows,) in the
@@ -149,16 +161,15 @@ struct BackendOps {
     const auto acc = acc_type(logit.scalar_type());
     const double inv_count =
         red == Reduction::Mean && in.rows > 0 ? 1.0 / static_cast<double>(in.rows) : 1.0;
-    at::Tensor grad_logit = Backend::empty_logit_sized(in.rows, in.n, logit.options());
-    Backend::backward(
-        in,
+    const BackwardRows rows{
         rows_of_grad(grad_policy, in.rows, acc),
         rows_of_grad(grad_entropy, in.rows, acc),
         as_rows(lse, in.rows, acc),
         as_rows(entropy, in.rows, acc),
         inv_count,
-        shard_vocab_start,
-        grad_logit);
+        shard_vocab_start};
+    at::Tensor grad_logit = Backend::empty_logit_sized(in.rows, in.n, logit.options());
+    Backend::backward(in, rows, grad_logit);
     return logit.dim() == 2 ? grad_logit : grad_logit.view(logit.sizes());
   }
 };

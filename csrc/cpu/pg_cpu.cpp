@@ -124,17 +124,8 @@ struct CpuBackend {
     kernels().row_stats(in, vocab_start, out);
   }
 
-  static void backward(
-      const RowInputs& in,
-      const at::Tensor& grad_policy,
-      const at::Tensor& grad_entropy,
-      const at::Tensor& lse,
-      const at::Tensor& entropy,
-      double inv_count,
-      std::optional<int64_t> shard_vocab_start,
-      at::Tensor& grad_logit) {
-    kernels().backward(
-        in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start.value_or(0), grad_logit);
+  static void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
+    kernels().backward(in, rows, grad_logit);
   }
 
   static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {

@@ -9,34 +9,18 @@ namespace cpu {
 
 // forward: actions are in [0, n). row_stats: the row holds classes
 // [vocab_start, vocab_start + n); other actions read nothing.
-// backward: grad_policy / grad_entropy are rows_of_grad's (0-d or (rows,)) in
-// the accumulation dtype; grad_logit is (rows, n) contiguous in logit's dtype; the
-// one-hot term applies where action - vocab_start lies in [0, n).
+// backward: grad_logit is (rows, n) contiguous in logit's dtype; the one-hot
+// term applies where action - shard_vocab_start (0 without a shard) lies in
+// [0, n).
 using ForwardFn = void (*)(const RowInputs& in, ForwardRows& out);
 using RowStatsFn = void (*)(const RowInputs& in, int64_t vocab_start, ShardRows& out);
-using BackwardFn = void (*)(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    double inv_count,
-    int64_t vocab_start,
-    at::Tensor& grad_logit);
+using BackwardFn = void (*)(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit);
 
 #define PGEXT_DECLARE_CPU_KERNELS(CAP)                  \
   namespace CAP {                                        \
   void forward(const RowInputs& in, ForwardRows& out);   \
   void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out); \
-  void backward(                                         \
-      const RowInputs& in,                               \
-      const at::Tensor& grad_policy,                     \
-      const at::Tensor& grad_entropy,                    \
-      const at::Tensor& lse,                             \
-      const at::Tensor& entropy,                         \
-      double inv_count,                                  \
-      int64_t vocab_start,                               \
-      at::Tensor& grad_logit);                           \
+  void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit); \
   const char* name();                                    \
   }
 

@@ -311,19 +311,10 @@ void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
       });
 }
 
-void backward(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    double inv_count,
-    int64_t vocab_start,
-    at::Tensor& grad_logit) {
+void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
-        const BackwardSource<at::opmath_type<scalar_t>> src(
-            in, grad_policy, grad_entropy, lse, entropy, inv_count, vocab_start);
+        const BackwardSource<at::opmath_type<scalar_t>> src(in, rows);
         if (short_rows_backward<scalar_t>(in)) {
           backward_short_rows<scalar_t>(in, src, grad_logit);
         } else {

@@ -89,29 +89,21 @@ struct ShardSink {
   acc_t* action_logit;
 };
 
-// Backward's per-row inputs: grad_policy / grad_entropy as rows_of_grad gives
-// them (0-d or (rows,) contiguous), lse and entropy are (rows,) contiguous.
+// Backward's per-row inputs (BackwardRows and the samples).
 template <typename acc_t>
 struct BackwardSource {
-  BackwardSource(
-      const RowInputs& in,
-      const at::Tensor& grad_policy,
-      const at::Tensor& grad_entropy,
-      const at::Tensor& lse_t,
-      const at::Tensor& entropy_t,
-      double inv_count_d,
-      int64_t vocab_start_)
+  BackwardSource(const RowInputs& in, const BackwardRows& rows)
       : action(in.action.const_data_ptr<int64_t>()),
-        vocab_start(vocab_start_),
+        vocab_start(rows.shard_vocab_start.value_or(0)),
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
-        g_pol(grad_policy.const_data_ptr<acc_t>()),
-        g_pol_stride(grad_row_stride(grad_policy)),
-        g_ent(grad_entropy.const_data_ptr<acc_t>()),
-        g_ent_stride(grad_row_stride(grad_entropy)),
-        lse(lse_t.const_data_ptr<acc_t>()),
-        entropy(entropy_t.const_data_ptr<acc_t>()),
-        inv_count(static_cast<acc_t>(inv_count_d)) {}
+        g_pol(rows.grad_policy.const_data_ptr<acc_t>()),
+        g_pol_stride(grad_row_stride(rows.grad_policy)),
+        g_ent(rows.grad_entropy.const_data_ptr<acc_t>()),
+        g_ent_stride(grad_row_stride(rows.grad_entropy)),
+        lse(rows.lse.const_data_ptr<acc_t>()),
+        entropy(rows.entropy.const_data_ptr<acc_t>()),
+        inv_count(static_cast<acc_t>(rows.inv_count)) {}
 
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);

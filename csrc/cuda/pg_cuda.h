@@ -10,8 +10,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
-
 namespace pgext {
 namespace cuda {
 
@@ -24,21 +22,9 @@ void launch_forward(const RowInputs& in, ForwardRows& out);
 void launch_row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out);
 
 // pg_cuda_backward.cu: one read of the logits and one write of grad_logit,
-// (rows, n) contiguous in the logits' dtype. grad_policy / grad_entropy are
-// rows_of_grad's (0-d or (rows,)) in the accumulation dtype; lse / entropy are
-// (rows,) contiguous in the accumulation dtype. Without a shard (pg_error)
-// every action must lie in [0, n) (a device-side assert checks it); with
-// `shard_vocab_start` the row holds classes [vocab_start, vocab_start + n) and
-// an action outside them adds no one-hot term.
-void launch_backward(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    double inv_count,
-    std::optional<int64_t> shard_vocab_start,
-    at::Tensor& grad_logit);
+// (rows, n) contiguous in the logits' dtype. Without a shard (pg_error) every
+// action must lie in [0, n): a device-side assert checks it.
+void launch_backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit);
 
 // pg_cuda_reduce.cu: the two losses from the per-row terms: 'none' casts them
 // to `dtype` in the shape of action; 'mean' and 'sum' reduce them in a fixed

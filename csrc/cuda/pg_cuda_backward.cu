@@ -139,15 +139,7 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_rows(const Backward
 }
 
 template <typename scalar_t>
-void backward_typed(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    double inv_count,
-    std::optional<int64_t> shard_vocab_start,
-    at::Tensor& grad_logit) {
+void backward_typed(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
   using acc_t = at::opmath_type<scalar_t>;
   BackwardArgs<scalar_t, acc_t> p;
   p.logit = in.logit.const_data_ptr<scalar_t>();
@@ -157,15 +149,15 @@ void backward_typed(
   p.action = in.action.const_data_ptr<int64_t>();
   p.ret = in.ret.const_data_ptr<acc_t>();
   p.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  p.grad_policy = grad_policy.const_data_ptr<acc_t>();
-  p.grad_policy_stride = grad_row_stride(grad_policy);
-  p.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
-  p.grad_entropy_stride = grad_row_stride(grad_entropy);
-  p.lse = lse.const_data_ptr<acc_t>();
-  p.entropy = entropy.const_data_ptr<acc_t>();
-  p.inv_count = static_cast<acc_t>(inv_count);
-  p.vocab_start = shard_vocab_start.value_or(0);
-  p.shard = shard_vocab_start.has_value();
+  p.grad_policy = rows.grad_policy.const_data_ptr<acc_t>();
+  p.grad_policy_stride = grad_row_stride(rows.grad_policy);
+  p.grad_entropy = rows.grad_entropy.const_data_ptr<acc_t>();
+  p.grad_entropy_stride = grad_row_stride(rows.grad_entropy);
+  p.lse = rows.lse.const_data_ptr<acc_t>();
+  p.entropy = rows.entropy.const_data_ptr<acc_t>();
+  p.inv_count = static_cast<acc_t>(rows.inv_count);
+  p.vocab_start = rows.shard_vocab_start.value_or(0);
+  p.shard = rows.shard_vocab_start.has_value();
   p.grad = grad_logit.mutable_data_ptr<scalar_t>();
 
   constexpr int V = Pack<scalar_t>::kVec;
@@ -186,22 +178,13 @@ void backward_typed(
 
 }  // namespace
 
-void launch_backward(
-    const RowInputs& in,
-    const at::Tensor& grad_policy,
-    const at::Tensor& grad_entropy,
-    const at::Tensor& lse,
-    const at::Tensor& entropy,
-    double inv_count,
-    std::optional<int64_t> shard_vocab_start,
-    at::Tensor& grad_logit) {
+void launch_backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
   if (in.rows == 0) {
     return;  // nothing to write; no zero-size grid
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cuda", [&] {
-        backward_typed<scalar_t>(
-            in, grad_policy, grad_entropy, lse, entropy, inv_count, shard_vocab_start, grad_logit);
+        backward_typed<scalar_t>(in, rows, grad_logit);
       });
 }
 
