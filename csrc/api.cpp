@@ -16,7 +16,7 @@ namespace pgext {
 // From cpu/pg_cpu_kernel.h, which cannot be included here: it brings
 // pg_checks.h, whose internal Reduction enum is the public one's twin.
 namespace cpu {
-const char* active_capability();
+const char* active_capability(at::ScalarType dtype);
 }  // namespace cpu
 
 const char* reduction_name(Reduction reduction) {
@@ -56,8 +56,8 @@ bool cuda_compiled() {
   return PGEXT_WITH_CUDA != 0;
 }
 
-const char* cpu_capability() {
-  return cpu::active_capability();
+const char* cpu_capability(at::ScalarType logit_dtype) {
+  return cpu::active_capability(logit_dtype);
 }
 
 namespace detail {

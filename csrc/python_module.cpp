@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/headeronly/version.h>
 
 #include <cstring>
@@ -122,8 +123,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA kernels were compiled into libpgext.");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this build was compiled against.");
-  m.def("cpu_capability", [] { return std::string(pgext::cpu_capability()); },
-        "The CPU kernel build in use: DEFAULT, AVX2 or AVX512.");
+  m.def("cpu_capability", [](at::ScalarType dtype) { return std::string(pgext::cpu_capability(dtype)); },
+        pybind11::arg("dtype") = at::kFloat,
+        "The CPU kernel build used for logits of this dtype: DEFAULT, AVX2 or AVX512 (ATen's choice), "
+        "or AVX512_BF16 for bfloat16 on CPUs with those instructions.");
   PyObject* direct = PyCFunction_NewEx(&pg_error_def, nullptr, m.attr("__name__").ptr());
   if (direct == nullptr) {
     throw pybind11::error_already_set();

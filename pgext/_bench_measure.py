@@ -43,6 +43,15 @@ def load_pgext() -> Tuple[Callable, Callable, str]:
     return pg_error, pg_data, __version__
 
 
+def pgext_cpu_kernels(dtype: str) -> Optional[str]:
+    """pgext's CPU kernel build for logits of ``dtype`` (None for the stand-in)."""
+    if os.environ.get(STANDIN_ENV) == "1":
+        return None
+    from pgext import _C
+
+    return _C.cpu_capability(getattr(torch, dtype))
+
+
 def thp_sysfs() -> Optional[str]:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -292,9 +301,11 @@ def run(cfg: dict) -> dict:
     pgext_fn, pg_data, version = load_pgext()
     env = environment(cfg["device"], version)
     env["thp_mode"] = cfg["thp"]
+    env["pgext_cpu_kernels"] = pgext_cpu_kernels(cfg["dtype"])
     prefix = f"[thp {cfg['thp']}] " if cfg["device"] == "cpu" else "[cuda] "
     log(
-        f"{prefix}torch {env['torch']}, pgext {version}, {env['cpu_capability']}, "
+        f"{prefix}torch {env['torch']}, pgext {version}, {env['cpu_capability']} "
+        f"(pgext kernels {env['pgext_cpu_kernels']}), "
         f"{env['threads']} threads, {cfg['dtype']} on {cfg['device']}"
     )
     t0 = time.perf_counter()

@@ -46,7 +46,9 @@ def mode_title(mode: dict, cfg: dict) -> str:
         where = f"cuda ({env.get('gpu', '?')})"
         thp = ""
     else:
-        where = f"cpu {env['cpu_capability']}, {env['threads']} threads"
+        kernels = env.get("pgext_cpu_kernels")
+        where = f"cpu {env['cpu_capability']}" + (f" (pgext kernels {kernels})" if kernels else "")
+        where += f", {env['threads']} threads"
         thp = {
             "on": "THP on (THP_MEM_ALLOC_ENABLE=1, 2 MiB pages)",
             "off": "THP off (4 KiB pages)",

@@ -215,6 +215,27 @@ def test_cpu_capability_matches_torch():
     cap = pgext._C.cpu_capability()
     assert cap in {"DEFAULT", "AVX2", "AVX512"}
     assert cap in expected_capability(torch.backends.cpu.get_cpu_capability())
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert pgext._C.cpu_capability(dtype) == cap
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+
+
+def test_bfloat16_capability_uses_avx512_bf16_where_the_cpu_has_it():
+    cap, bf16_cap = pgext._C.cpu_capability(), pgext._C.cpu_capability(torch.bfloat16)
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo")
+    if cap == "AVX512" and "avx512_bf16" in flags:
+        assert bf16_cap == "AVX512_BF16"
+    else:
+        assert bf16_cap == cap
 
 
 _CHILD = textwrap.dedent(
@@ -222,6 +243,7 @@ _CHILD = textwrap.dedent(
     import sys, torch, pgext
     inputs = torch.load(sys.argv[1])
     res = {"torch_cap": torch.backends.cpu.get_cpu_capability(), "pgext_cap": pgext._C.cpu_capability(),
+           "pgext_bf16_cap": pgext._C.cpu_capability(torch.bfloat16),
            "build_mode": pgext.build_mode(), "out": [],
            "libs": sorted({l.split()[-1] for l in open("/proc/self/maps") if ".so" in l and "pgext" in l.split()[-1]})}
     for logit, action, return_, weight, reduction in inputs:
@@ -276,6 +298,7 @@ def test_default_capability_subprocess(tmp_path):
     child = _run_child(tmp_path, inputs, ATEN_CPU_CAPABILITY="default")
     assert child["torch_cap"] == "DEFAULT"
     assert child["pgext_cap"] == "DEFAULT"
+    assert child["pgext_bf16_cap"] == "DEFAULT"  # the cap holds for the bfloat16 build too
     here = _in_process(inputs)
     for (logit, *_), (p0, e0, g0), (p1, e1, g1) in zip(inputs, here, child["out"]):
         tol = dict(tol_dtype=torch.float32) if logit.dtype != torch.float64 else {}

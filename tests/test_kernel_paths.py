@@ -61,6 +61,74 @@ def test_degenerate_rows_stay_in_their_lane(n, dtype):
     assert torch.equal(got.entropy_loss[~bad], ref.entropy_loss)
 
 
+def test_nan_in_a_block_with_no_finite_logit():
+    """The block maximum may drop a NaN (the sums carry it); a block of -inf
+    and NaN has no sums, so it must find the NaN itself."""
+    n = 5000  # blocks [0, 4096) and [4096, 5000)
+    inp = make_inputs((4,), n, torch.float32, seed=21)
+    logit = inp.logit.clone()
+    logit[0, :4096] = -math.inf
+    logit[0, 100] = math.nan
+    logit[1, 4096:] = -math.inf
+    logit[1, 4999] = math.nan
+    logit[2, :] = -math.inf
+    logit[2, 7] = math.nan
+    got = pgext.pg_error((logit, inp.action, inp.return_), reduction="none")
+    for name, value in (("policy", got.policy_loss), ("entropy", got.entropy_loss)):
+        assert torch.isnan(value[:3]).all(), (name, value)
+        assert torch.isfinite(value[3]), (name, value)
+
+
+@pytest.mark.parametrize("n", [40, 1000, 4133])
+def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
+    """Given the same row statistics, the bfloat16 backward computes in float32
+    exactly as the float32 one does and rounds once, to nearest even: whatever
+    the conversion (at::vec's, or the AVX512_BF16 instructions with their
+    interleaved lane order), with the action at every position of a vector
+    pair and masked logits."""
+    rows = 70
+    g = torch.Generator().manual_seed(n)
+    logit = (3 * torch.randn(rows, n, generator=g)).bfloat16()
+    logit[5, ::7] = -math.inf
+    action = torch.randint(0, n, (rows,), generator=g)
+    action[:64] = (torch.arange(64) + n // 3) % n  # every position within 64 logits
+    return_ = torch.randn(rows, generator=g).bfloat16()
+    fwd, bwd = torch.ops.pgext.pg_error_forward.default, torch.ops.pgext.pg_error_backward.default
+    stats = fwd(logit.float(), action, return_.float(), None, "none")
+    lse, entropy = stats[2], stats[3]
+    up_p, up_e = torch.randn(rows, generator=g).bfloat16(), torch.randn(rows, generator=g).bfloat16()
+    got = bwd(up_p, up_e, logit, action, return_, None, lse, entropy, "none")
+    want = bwd(up_p.float(), up_e.float(), logit.float(), action, return_.float(), None, lse, entropy, "none")
+    assert got.dtype == torch.bfloat16
+    # no float32 gradient here is below 2^-126, where AVX512_BF16 flushes to zero
+    assert (want[want != 0].abs() > 2**-126).all()
+    assert torch.equal(got, want.bfloat16()), (got.float() - want.bfloat16().float()).abs().max()
+
+
+def test_float32_exp_over_its_whole_range():
+    """Probabilities from 1 down to below float's smallest normal: the
+    gradient keeps float32 accuracy where the probability is a normal float,
+    and is exactly 0 for masked logits and where it underflows."""
+    n = 20000
+    logit = torch.cat([torch.linspace(-87.0, 0.0, n - 4), torch.tensor([-88.0, -100.0, -1e30, -math.inf])])
+    logit = logit[torch.randperm(n, generator=torch.Generator().manual_seed(0))].reshape(1, n)
+    action, return_ = torch.tensor([int(logit.argmax())]), torch.ones(1)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        x = logit.to(dtype).clone().requires_grad_(True)
+        pgext.pg_error((x, action, return_.to(dtype))).policy_loss.backward()
+        grads[dtype] = x.grad[0].double()
+    g32, g64 = grads[torch.float32], grads[torch.float64]
+    normal = (g64.abs() > 2**-126) & (torch.arange(n) != action)
+    assert normal.sum() > n * 0.9
+    # t = x - lse is rounded to float32 first: at |t| = 87 that alone is
+    # 3.8e-6 relative; a broken exp is off by far more
+    rel = ((g32 - g64).abs() / g64.abs())[normal]
+    assert rel.max() < 1e-5, rel.max()
+    assert torch.isfinite(g32).all()
+    assert (g32[logit[0] <= -100.0] == 0).all()
+
+
 @pytest.mark.parametrize(
     "rows, n, dtype",
     [(64, 70001, torch.float32), (130, 70001, torch.bfloat16), (30, 70001, torch.float64)],

@@ -9,6 +9,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 namespace pgext {
 namespace cpu {
 
@@ -37,10 +41,40 @@ KernelSet select_kernels() {
   return {&DEFAULT::forward, &DEFAULT::row_stats, &DEFAULT::backward, &DEFAULT::name};
 }
 
+// CPUID leaf 7, sub-leaf 1, EAX bit 5. ATen's AVX512 capability (what makes
+// the AVX512 build the choice) already includes the OS's save of the AVX-512
+// registers.
+bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && ((eax >> 5) & 1) != 0;
+#else
+  return false;
+#endif
+}
+
 // ATen reads the capability (and ATEN_CPU_CAPABILITY) once per process too.
 const KernelSet& kernels() {
   static const KernelSet set = select_kernels();
   return set;
+}
+
+// bfloat16 logits: the AVX512_BF16 build where the AVX512 one is in use and
+// the CPU has the instructions.
+const KernelSet& bf16_kernels() {
+  static const KernelSet set = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (kernels().name == &AVX512::name && cpu_has_avx512_bf16()) {
+      return KernelSet{&AVX512_BF16::forward, &AVX512_BF16::row_stats, &AVX512_BF16::backward, &AVX512_BF16::name};
+    }
+#endif
+    return kernels();
+  }();
+  return set;
+}
+
+const KernelSet& kernels(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? bf16_kernels() : kernels();
 }
 
 // Checked before any kernel reads a logit, so an out-of-range action can never
@@ -117,15 +151,15 @@ struct CpuBackend {
   }
 
   static void forward(const RowInputs& in, ForwardRows& out) {
-    kernels().forward(in, out);
+    kernels(in.logit.scalar_type()).forward(in, out);
   }
 
   static void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
-    kernels().row_stats(in, vocab_start, out);
+    kernels(in.logit.scalar_type()).row_stats(in, vocab_start, out);
   }
 
   static void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
-    kernels().backward(in, rows, grad_logit);
+    kernels(in.logit.scalar_type()).backward(in, rows, grad_logit);
   }
 
   static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
@@ -144,8 +178,8 @@ struct CpuBackend {
 
 }  // namespace
 
-const char* active_capability() {
-  return kernels().name();
+const char* active_capability(at::ScalarType dtype) {
+  return kernels(dtype).name();
 }
 
 TORCH_LIBRARY_IMPL(pgext, CPU, m) {

@@ -1,7 +1,8 @@
 #pragma once
 // The CPU kernels of pg_error. pg_cpu_kernel_impl.h is compiled once per CPU
 // capability (kernel_default.cpp, kernel_avx2.cpp, kernel_avx512.cpp), each
-// into its own namespace, and pg_cpu.cpp picks one at run time as ATen does.
+// into its own namespace, and pg_cpu.cpp picks one at run time as ATen does;
+// kernel_avx512_bf16.cpp adds a bfloat16-only build for CPUs with AVX512_BF16.
 #include "../pg_backend_ops.h"
 
 namespace pgext {
@@ -24,13 +25,15 @@ using BackwardFn = void (*)(const RowInputs& in, const BackwardRows& rows, at::T
   const char* name();                                    \
   }
 
-// Name of the kernel build in use: "DEFAULT", "AVX2" or "AVX512".
-const char* active_capability();
+// Name of the kernel build in use for logits of `dtype`: "DEFAULT", "AVX2",
+// "AVX512", or "AVX512_BF16" (bfloat16 only).
+const char* active_capability(at::ScalarType dtype);
 
 PGEXT_DECLARE_CPU_KERNELS(DEFAULT)
 #if defined(__x86_64__) || defined(_M_X64)
 PGEXT_DECLARE_CPU_KERNELS(AVX2)
 PGEXT_DECLARE_CPU_KERNELS(AVX512)
+PGEXT_DECLARE_CPU_KERNELS(AVX512_BF16)
 #endif
 
 }  // namespace cpu

@@ -20,6 +20,16 @@
 #include <algorithm>
 #include <vector>
 
+// The logit dtypes of this build: kernel_avx512_bf16.cpp, the build for the
+// AVX512_BF16 instructions, has bfloat16 only.
+#if defined(PGEXT_CPU_AVX512_BF16)
+#define PGEXT_DISPATCH_LOGIT_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#else
+#define PGEXT_DISPATCH_LOGIT_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+#endif
+
 namespace pgext {
 namespace cpu {
 namespace CPU_CAPABILITY {
@@ -33,12 +43,19 @@ constexpr int64_t kBlock = 4096;
 // cannot stay in the caches (32 MiB of L3 here) until anyone reads them.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
-// 2W logits at x as two vectors of the accumulation type: half types are
-// converted in registers, so that a block is never copied to a float buffer.
+// 2W logits at x as two vectors of the accumulation type, for the block
+// statistics (maxima and sums, so bfloat16 may come in its cheaper even/odd
+// order): half types are converted in registers, so that a block is never
+// copied to a float buffer.
 template <typename scalar_t>
 inline auto load_pair(const scalar_t* x) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return load_bf16_even_odd(x);
+  } else
+#endif
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return std::pair<V, V>(V::loadu(x), V::loadu(x + V::size()));
   } else {
@@ -61,13 +78,17 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
     tail[j] = j < rest ? static_cast<acc_t>(x[full + j]) : math::neg_inf<acc_t>();
   }
 
+  // One max instruction per vector (at::vec::maximum, which keeps NaN, costs
+  // four): a NaN may be dropped here, but the sums below carry it to the
+  // results. Only a block with no finite logit must look for it.
+  const auto max_of = [](const V& a, const V& b) { return at::vec::clamp_min(a, b); };
   V vmax(math::neg_inf<acc_t>());
   for (int64_t i = 0; i < full; i += 2 * W) {
     const auto [a, b] = load_pair(x + i);
-    vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+    vmax = max_of(vmax, max_of(a, b));
   }
   if (rest > 0) {
-    vmax = at::vec::maximum(vmax, at::vec::maximum(V::loadu(tail), V::loadu(tail + W)));
+    vmax = max_of(vmax, max_of(V::loadu(tail), V::loadu(tail + W)));
   }
   const acc_t m = at::vec::vec_reduce_all<acc_t>(
       [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
@@ -75,6 +96,12 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
     return {m, m, m};
   }
   if (m == math::neg_inf<acc_t>()) {
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j]);
+      if (v != v) {
+        return {v, v, v};
+      }
+    }
     return math::empty_stats<acc_t>();
   }
 
@@ -236,26 +263,39 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
         }
       } else {
         // Half types: convert, compute and convert back in registers, two
-        // float vectors per half vector; only the ragged end goes through
-        // float buffers.
+        // float vectors per half vector (pg_cpu_vec.h); only the ragged end
+        // goes through float buffers.
         using VS = Vectorized<scalar_t>;
         constexpr int64_t WS = VS::size();
         scalar_t* d = stream ? sbuf.data() : dst;
-        int64_t i = 0;
-        for (; i + WS <= len; i += WS) {
-          auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VS::loadu(x + i));
-          V g_lo = grad_vec(lo);
-          V g_hi = grad_vec(hi);
-          if (a >= i && a < i + WS) {
+        const auto chunk = [&](int64_t i, bool one_hot) {
+          auto [first, second] = half_pair_load(x + i);
+          first = grad_vec(first);
+          second = grad_vec(second);
+          if (one_hot) {
             alignas(64) acc_t g[WS];
-            g_lo.store(g);
-            g_hi.store(g + W);
-            g[a - i] -= c.c_policy;
-            g_lo = V::loadu(g);
-            g_hi = V::loadu(g + W);
+            first.store(g);
+            second.store(g + W);
+            g[half_pair_slot<scalar_t>(a - i)] -= c.c_policy;
+            first = V::loadu(g);
+            second = V::loadu(g + W);
           }
-          at::vec::convert_from_float<scalar_t>(g_lo, g_hi).store(d + i);
+          half_pair_store(first, second, d + i);
+        };
+        // Only the chunk that holds the action's entry goes through a float
+        // buffer; the loops around it test nothing.
+        const int64_t full = len - len % WS;
+        const int64_t a_chunk = a >= 0 && a < full ? a - a % WS : full;
+        for (int64_t i = 0; i < a_chunk; i += WS) {
+          chunk(i, false);
         }
+        if (a_chunk < full) {
+          chunk(a_chunk, true);
+        }
+        for (int64_t i = a_chunk + WS; i < full; i += WS) {
+          chunk(i, false);
+        }
+        const int64_t i = full;
         if (i < len) {
           acc_t* g = gbuf.data();
           for (int64_t j = i; j < len; ++j) {
@@ -290,37 +330,34 @@ bool short_rows_backward(const RowInputs& in) {
 }
 
 void forward(const RowInputs& in, ForwardRows& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_forward_cpu", [&] {
-        if (short_rows<scalar_t>(in)) {
-          forward_short_rows<scalar_t>(in, out);
-        } else {
-          forward_typed<scalar_t>(in, out);
-        }
-      });
+  PGEXT_DISPATCH_LOGIT_TYPES(in.logit.scalar_type(), "pg_error_forward_cpu", [&] {
+    if (short_rows<scalar_t>(in)) {
+      forward_short_rows<scalar_t>(in, out);
+    } else {
+      forward_typed<scalar_t>(in, out);
+    }
+  });
 }
 
 void row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_row_stats_cpu", [&] {
-        if (short_rows<scalar_t>(in)) {
-          row_stats_short_rows<scalar_t>(in, vocab_start, out);
-        } else {
-          row_stats_typed<scalar_t>(in, vocab_start, out);
-        }
-      });
+  PGEXT_DISPATCH_LOGIT_TYPES(in.logit.scalar_type(), "pg_row_stats_cpu", [&] {
+    if (short_rows<scalar_t>(in)) {
+      row_stats_short_rows<scalar_t>(in, vocab_start, out);
+    } else {
+      row_stats_typed<scalar_t>(in, vocab_start, out);
+    }
+  });
 }
 
 void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
-        const BackwardSource<at::opmath_type<scalar_t>> src(in, rows);
-        if (short_rows_backward<scalar_t>(in)) {
-          backward_short_rows<scalar_t>(in, src, grad_logit);
-        } else {
-          backward_typed<scalar_t>(in, src, grad_logit);
-        }
-      });
+  PGEXT_DISPATCH_LOGIT_TYPES(in.logit.scalar_type(), "pg_error_backward_cpu", [&] {
+    const BackwardSource<at::opmath_type<scalar_t>> src(in, rows);
+    if (short_rows_backward<scalar_t>(in)) {
+      backward_short_rows<scalar_t>(in, src, grad_logit);
+    } else {
+      backward_typed<scalar_t>(in, src, grad_logit);
+    }
+  });
 }
 
 const char* name() {

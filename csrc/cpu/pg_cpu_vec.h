@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -23,19 +24,135 @@ using at::vec::Vectorized;
 // Elements per parallel task, as at::internal::GRAIN_SIZE.
 constexpr int64_t kGrain = 32768;
 
-inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  return x.exp_u20();
+// Where `shifted` clamps: a masked logit (-inf) meets its zero probability as
+// a finite number, so that 0 * (-inf) never turns into NaN. For float it is
+// where exp's result leaves the normal range (exp(-88) < 2^-126), which
+// vexp's range reduction relies on; double keeps the lowest finite value.
+template <typename acc_t>
+inline acc_t exp_floor() {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return -88.0f;
+  } else {
+    return math::lowest<acc_t>();
+  }
+}
+
+// x - shift, clamped from below at exp_floor(). One max instruction (the
+// NaN-propagating at::vec::maximum costs four), and NaN still passes through.
+template <typename acc_t>
+inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<acc_t>& shift) {
+  return at::vec::clamp_min(x - shift, Vectorized<acc_t>(exp_floor<acc_t>()));
+}
+
+// exp(t) for t >= exp_floor<float>() (what `shifted` returns), with the
+// polynomial of at::vec's exp_u20 and so its accuracy, in 11 instructions
+// rather than 19: with t bounded below, the range reduction needs no masks.
+// n = round(t / ln 2) comes from adding 1.5 * 2^23 + 127, which leaves n + 127
+// in the low mantissa bits, and shifting those bits up is 2^n. t <= -88 gives
+// n + 127 = 0, so 2^n and the result are exactly 0; t above ln(FLT_MAX) is
+// clamped there and gives inf, as exp_u20 does. NaN stays NaN.
+inline Vectorized<float> vexp(const Vectorized<float>& t) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using V = Vectorized<float>;
+  const V x = at::vec::clamp_max(t, V(88.72283935546875f));  // ln(FLT_MAX)
+  const V magic(12583039.0f);                                // 1.5 * 2^23 + 127
+  const V z = at::vec::fmadd(x, V(1.44269502162933349609375f), magic);
+  const V n = z - magic;
+  const V r = at::vec::fnmadd(n, V(0.693147182464599609375f), x);
+  V q = at::vec::fmadd(V(0.00828929059f), r, V(0.0418978221f));
+  q = at::vec::fmadd(q, r, V(0.166676521f));
+  q = at::vec::fmadd(q, r, V(0.499991506f));
+  q = at::vec::fmadd(q, r, V(0.999999701f));
+  q = at::vec::fmadd(q, r, V(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  const V scale(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(z), 23)));
+#else
+  const V scale(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(z), 23)));
+#endif
+  return q * scale;
+#else
+  return t.exp_u20();
+#endif
 }
 inline Vectorized<double> vexp(const Vectorized<double>& x) {
   return x.exp();
 }
 
-// x - shift, clamped to the lowest finite value so that a masked logit (-inf)
-// meets its zero probability as a finite number. One max instruction (the
-// NaN-propagating at::vec::maximum costs four), and NaN still passes through.
-template <typename acc_t>
-inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<acc_t>& shift) {
-  return at::vec::clamp_min(x - shift, Vectorized<acc_t>(math::lowest<acc_t>()));
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The 2W bfloat16 values at x as two float vectors, even-indexed values in
+// the first and odd-indexed ones in the second. A bfloat16 is the top half of
+// a float, so each vector is one shift or one mask of the loaded words, where
+// the in-order conversion (at::vec::convert_to_float) takes five instructions,
+// two of them across lanes. For maxima and sums only: the order is not the
+// logits' order.
+inline std::pair<Vectorized<float>, Vectorized<float>> load_bf16_even_odd(const at::BFloat16* x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i words = _mm512_loadu_si512(reinterpret_cast<const void*>(x));
+  return {Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(words, 16))),
+          Vectorized<float>(_mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(~0xFFFF))))};
+#else
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return {Vectorized<float>(_mm256_castsi256_ps(_mm256_slli_epi32(words, 16))),
+          Vectorized<float>(_mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(~0xFFFF))))};
+#endif
+}
+#endif
+
+// The backward pass of half types converts 2W logits to two float vectors,
+// computes, and converts back: half_pair_load, half_pair_slot (where logit j
+// of the 2W sits in the pair, first vector then second) and half_pair_store.
+//
+// With AVX512_BF16 a bfloat16 pair is rounded by one instruction, where
+// at::vec rounds in software (about sixteen) and made a bfloat16 backward much
+// slower than a float32 one. Its output order then asks for the even/odd load
+// and one word permute, which measured faster than an in-order load. The
+// instruction reads a denormal float as zero, so gradients below 2^-126 in
+// magnitude (float's smallest normal) come out as zero there.
+#if defined(PGEXT_CPU_AVX512_BF16)
+template <typename scalar_t>
+constexpr bool kBf16Instructions = std::is_same_v<scalar_t, at::BFloat16>;
+#else
+template <typename scalar_t>
+constexpr bool kBf16Instructions = false;
+#endif
+
+template <typename scalar_t>
+inline std::pair<Vectorized<float>, Vectorized<float>> half_pair_load(const scalar_t* x) {
+#if defined(PGEXT_CPU_AVX512_BF16)
+  if constexpr (kBf16Instructions<scalar_t>) {
+    return load_bf16_even_odd(x);
+  } else
+#endif
+  {
+    const auto [first, second] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x));
+    return {first, second};
+  }
+}
+
+template <typename scalar_t>
+inline int64_t half_pair_slot(int64_t j) {
+  if constexpr (kBf16Instructions<scalar_t>) {
+    return (j & 1) * Vectorized<float>::size() + (j >> 1);
+  } else {
+    return j;
+  }
+}
+
+// Rounds to nearest even and stores the 2W values at dst.
+template <typename scalar_t>
+inline void half_pair_store(const Vectorized<float>& first, const Vectorized<float>& second, scalar_t* dst) {
+#if defined(PGEXT_CPU_AVX512_BF16)
+  if constexpr (kBf16Instructions<scalar_t>) {
+    // [even..., odd...] to [even 0, odd 0, even 1, odd 1, ...]
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+    _mm512_storeu_si512(reinterpret_cast<void*>(dst), _mm512_permutexvar_epi16(interleave, packed));
+    return;
+  }
+#endif
+  at::vec::convert_from_float<scalar_t>(first, second).store(dst);
 }
 
 // Copies `nbytes` to memory that will not be read again soon (a gradient

@@ -216,6 +216,9 @@ void test_info() {
   check(std::strlen(pgext::version()) > 0, "version");
   const std::string cap = pgext::cpu_capability();
   check(cap == "DEFAULT" || cap == "AVX2" || cap == "AVX512", "cpu_capability: " + cap);
+  // bfloat16 logits: the same build, or the AVX512_BF16 one on top of AVX512.
+  const std::string bf16_cap = pgext::cpu_capability(at::kBFloat16);
+  check(bf16_cap == cap || (cap == "AVX512" && bf16_cap == "AVX512_BF16"), "cpu_capability(bf16): " + bf16_cap);
   check(std::string(pgext::reduction_name(pgext::Reduction::None)) == "none", "reduction_name");
   // The op is registered with the dispatcher, as Python sees it.
   check(c10::Dispatcher::singleton().findSchema({"pgext::pg_error", ""}).has_value(), "pgext::pg_error registered");

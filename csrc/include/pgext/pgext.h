@@ -71,7 +71,10 @@ PGEXT_API const char* reduction_name(Reduction reduction);
 // Build information of the libpgext that is loaded.
 PGEXT_API const char* version();        // PGEXT_VERSION of the library, e.g. "0.1.0"
 PGEXT_API bool cuda_compiled();         // were the CUDA kernels compiled in?
-PGEXT_API const char* cpu_capability();  // CPU kernel build in use: DEFAULT, AVX2 or AVX512
+// The CPU kernel build used for logits of `logit_dtype`: DEFAULT, AVX2 or
+// AVX512 (ATen's choice for this CPU), or AVX512_BF16 for bfloat16 logits
+// where AVX512 is in use and the CPU has the AVX512_BF16 instructions.
+PGEXT_API const char* cpu_capability(at::ScalarType logit_dtype = at::kFloat);
 
 namespace detail {
 // Defined in libpgext; does nothing but exist (returns 1).
