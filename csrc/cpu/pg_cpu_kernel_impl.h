@@ -221,7 +221,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
   const int64_t tasks = in.rows * nblocks;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gbuf(kConvert || stream ? kBlock : 0);
+    std::vector<acc_t> gbuf(!kConvert && stream ? kBlock : 0);
     std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
     for (const auto t : c10::irange(begin, end)) {
       const int64_t r = t / nblocks;
@@ -263,48 +263,42 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
         }
       } else {
         // Half types: convert, compute and convert back in registers, two
-        // float vectors per half vector (pg_cpu_vec.h); only the ragged end
-        // goes through float buffers.
+        // float vectors per half vector (pg_cpu_vec.h). A chunk is `count`
+        // logits from column i; `one_hot` is the action's column within it,
+        // or -1.
         using VS = Vectorized<scalar_t>;
         constexpr int64_t WS = VS::size();
         scalar_t* d = stream ? sbuf.data() : dst;
-        const auto chunk = [&](int64_t i, bool one_hot) {
-          auto [first, second] = half_pair_load(x + i);
+        const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
+          auto [first, second] = half_pair_load(x + i, count);
           first = grad_vec(first);
           second = grad_vec(second);
-          if (one_hot) {
+          if (one_hot >= 0) {
             alignas(64) acc_t g[WS];
             first.store(g);
             second.store(g + W);
-            g[half_pair_slot<scalar_t>(a - i)] -= c.c_policy;
+            g[half_pair_slot<scalar_t>(one_hot)] -= c.c_policy;
             first = V::loadu(g);
             second = V::loadu(g + W);
           }
-          half_pair_store(first, second, d + i);
+          half_pair_store(first, second, d + i, count);
         };
         // Only the chunk that holds the action's entry goes through a float
-        // buffer; the loops around it test nothing.
+        // buffer; the loops around it test nothing. The ragged end is one
+        // more chunk, with partial loads and stores.
         const int64_t full = len - len % WS;
         const int64_t a_chunk = a >= 0 && a < full ? a - a % WS : full;
         for (int64_t i = 0; i < a_chunk; i += WS) {
-          chunk(i, false);
+          chunk(i, WS, -1);
         }
         if (a_chunk < full) {
-          chunk(a_chunk, true);
+          chunk(a_chunk, WS, a - a_chunk);
         }
         for (int64_t i = a_chunk + WS; i < full; i += WS) {
-          chunk(i, false);
+          chunk(i, WS, -1);
         }
-        const int64_t i = full;
-        if (i < len) {
-          acc_t* g = gbuf.data();
-          for (int64_t j = i; j < len; ++j) {
-            g[j] = static_cast<acc_t>(x[j]);
-          }
-          grad_run(g + i, len - i, i, g + i);
-          for (int64_t j = i; j < len; ++j) {
-            d[j] = static_cast<scalar_t>(g[j]);
-          }
+        if (full < len) {
+          chunk(full, len - full, a >= full && a < len ? a - full : -1);
         }
         if (stream) {
           stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);

@@ -85,16 +85,20 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
 // the in-order conversion (at::vec::convert_to_float) takes five instructions,
 // two of them across lanes. For maxima and sums only: the order is not the
 // logits' order.
-inline std::pair<Vectorized<float>, Vectorized<float>> load_bf16_even_odd(const at::BFloat16* x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512i words = _mm512_loadu_si512(reinterpret_cast<const void*>(x));
+inline std::pair<Vectorized<float>, Vectorized<float>> bf16_even_odd(const __m512i& words) {
   return {Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(words, 16))),
           Vectorized<float>(_mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(~0xFFFF))))};
+}
 #else
-  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+inline std::pair<Vectorized<float>, Vectorized<float>> bf16_even_odd(const __m256i& words) {
   return {Vectorized<float>(_mm256_castsi256_ps(_mm256_slli_epi32(words, 16))),
           Vectorized<float>(_mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(~0xFFFF))))};
+}
 #endif
+
+inline std::pair<Vectorized<float>, Vectorized<float>> load_bf16_even_odd(const at::BFloat16* x) {
+  return bf16_even_odd(Vectorized<at::BFloat16>::loadu(x));
 }
 #endif
 
@@ -116,15 +120,18 @@ template <typename scalar_t>
 constexpr bool kBf16Instructions = false;
 #endif
 
+// The first `count` values at x (the rest read as zeros).
 template <typename scalar_t>
-inline std::pair<Vectorized<float>, Vectorized<float>> half_pair_load(const scalar_t* x) {
+inline std::pair<Vectorized<float>, Vectorized<float>> half_pair_load(
+    const scalar_t* x, int64_t count = Vectorized<scalar_t>::size()) {
+  const auto values = Vectorized<scalar_t>::loadu(x, count);
 #if defined(PGEXT_CPU_AVX512_BF16)
   if constexpr (kBf16Instructions<scalar_t>) {
-    return load_bf16_even_odd(x);
+    return bf16_even_odd(values);
   } else
 #endif
   {
-    const auto [first, second] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x));
+    const auto [first, second] = at::vec::convert_to_float<scalar_t>(values);
     return {first, second};
   }
 }
@@ -138,9 +145,11 @@ inline int64_t half_pair_slot(int64_t j) {
   }
 }
 
-// Rounds to nearest even and stores the 2W values at dst.
+// Rounds to nearest even and stores the first `count` of the 2W values at dst.
 template <typename scalar_t>
-inline void half_pair_store(const Vectorized<float>& first, const Vectorized<float>& second, scalar_t* dst) {
+inline void half_pair_store(
+    const Vectorized<float>& first, const Vectorized<float>& second, scalar_t* dst,
+    int64_t count = Vectorized<scalar_t>::size()) {
 #if defined(PGEXT_CPU_AVX512_BF16)
   if constexpr (kBf16Instructions<scalar_t>) {
     // [even..., odd...] to [even 0, odd 0, even 1, odd 1, ...]
@@ -148,11 +157,11 @@ inline void half_pair_store(const Vectorized<float>& first, const Vectorized<flo
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
-    _mm512_storeu_si512(reinterpret_cast<void*>(dst), _mm512_permutexvar_epi16(interleave, packed));
+    Vectorized<scalar_t>(_mm512_permutexvar_epi16(interleave, packed)).store(dst, count);
     return;
   }
 #endif
-  at::vec::convert_from_float<scalar_t>(first, second).store(dst);
+  at::vec::convert_from_float<scalar_t>(first, second).store(dst, count);
 }
 
 // Copies `nbytes` to memory that will not be read again soon (a gradient
