@@ -151,9 +151,9 @@ at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
 namespace {
 
 // A small contiguous CPU half-type tensor as float, converted by a plain loop:
-// for the per-sample vectors of a small batch (return_, upstream gradients),
-// the dispatched `.to()` costs more than the conversion, four times a
-// bfloat16 training step. Undefined where that does not apply.
+// for the per-sample vectors of a small batch (return_, upstream gradients:
+// four per bfloat16 training step) the dispatched `.to()` costs more than the
+// conversion itself. Undefined where that does not apply.
 template <typename half_t>
 at::Tensor small_half_to_float(const at::Tensor& t) {
   at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
