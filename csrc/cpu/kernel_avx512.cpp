@@ -12,13 +12,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
 #endif
-#include "isa_macros_avx2.h"
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
-#endif
+#include "isa_macros_avx512.h"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "pg_cpu_kernel_impl.h"
