@@ -1,4 +1,5 @@
 """Operator registration (opcheck), torch.compile, CPU dispatch, JIT build, threads, determinism."""
+import math
 import os
 import pathlib
 import re
@@ -300,6 +301,10 @@ def test_default_capability_subprocess(tmp_path):
     assert child["pgext_cap"] == "DEFAULT"
     assert child["pgext_bf16_cap"] == "DEFAULT"  # the cap holds for the bfloat16 build too
     here = _in_process(inputs)
+    for (logit, *_), (_, _, g_default), (_, _, g_here) in zip(inputs, child["out"], here):
+        masked = logit == -math.inf
+        assert masked.any()
+        assert (g_default[masked] == 0).all() and (g_here[masked] == 0).all()  # exactly, in both builds
     for (logit, *_), (p0, e0, g0), (p1, e1, g1) in zip(inputs, here, child["out"]):
         tol = dict(tol_dtype=torch.float32) if logit.dtype != torch.float64 else {}
         assert_close(p1, p0, scale=p0.abs() + 1, what="policy", **tol)

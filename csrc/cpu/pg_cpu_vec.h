@@ -25,16 +25,19 @@ using at::vec::Vectorized;
 constexpr int64_t kGrain = 32768;
 
 // Where `shifted` clamps: a masked logit (-inf) meets its zero probability as
-// a finite number, so that 0 * (-inf) never turns into NaN. For float it is
-// where exp's result leaves the normal range (exp(-88) < 2^-126), which
-// vexp's range reduction relies on; double keeps the lowest finite value.
+// a finite number, so that 0 * (-inf) never turns into NaN. For float with
+// the vexp below it is -88, where exp leaves the normal range and vexp returns
+// exactly 0, which its range reduction relies on. Elsewhere (double, and the
+// portable build, whose exp_u20 is std::exp with denormal results) it is the
+// lowest finite value, whose exp is exactly 0.
 template <typename acc_t>
 inline acc_t exp_floor() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     return -88.0f;
-  } else {
-    return math::lowest<acc_t>();
   }
+#endif
+  return math::lowest<acc_t>();
 }
 
 // x - shift, clamped from below at exp_floor(). One max instruction (the
@@ -83,8 +86,8 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
 // the first and odd-indexed ones in the second. A bfloat16 is the top half of
 // a float, so each vector is one shift or one mask of the loaded words, where
 // the in-order conversion (at::vec::convert_to_float) takes five instructions,
-// two of them across lanes. For maxima and sums only: the order is not the
-// logits' order.
+// two of them across lanes. The order is not the logits': maxima and sums
+// may ignore that, a gradient finds its logits with half_pair_slot.
 #if defined(CPU_CAPABILITY_AVX512)
 inline std::pair<Vectorized<float>, Vectorized<float>> bf16_even_odd(const __m512i& words) {
   return {Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(words, 16))),
