@@ -146,14 +146,7 @@ at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
   return logit.contiguous().view({rows, n});
 }
 
-}  // namespace
-
-namespace {
-
-// A small contiguous CPU half-type tensor as float, converted by a plain loop:
-// for the per-sample vectors of a small batch (return_, upstream gradients:
-// four per bfloat16 training step) the dispatched `.to()` costs more than the
-// conversion itself. Undefined where that does not apply.
+// A contiguous half-type tensor as float, converted by a plain loop.
 template <typename half_t>
 at::Tensor small_half_to_float(const at::Tensor& t) {
   at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
@@ -165,6 +158,10 @@ at::Tensor small_half_to_float(const at::Tensor& t) {
   return out;
 }
 
+// A small contiguous CPU half-type `t` as float (`type`), by
+// small_half_to_float: for the per-sample vectors of a small batch (return_,
+// upstream gradients: four per bfloat16 training step) the dispatched `.to()`
+// costs more than the conversion itself. Undefined where that does not apply.
 at::Tensor small_to_float(const at::Tensor& t, at::ScalarType type) {
   constexpr int64_t kSmall = 16384;
   if (type != at::kFloat || !t.device().is_cpu() || t.numel() > kSmall || !t.is_contiguous() ||
@@ -181,16 +178,19 @@ at::Tensor small_to_float(const at::Tensor& t, at::ScalarType type) {
   }
 }
 
+// `t` in dtype `type`: by small_to_float where that applies, else by `.to()`.
+at::Tensor converted_to(const at::Tensor& t, at::ScalarType type) {
+  at::Tensor small = small_to_float(t, type);
+  return small.defined() ? small : t.to(type);
+}
+
 }  // namespace
 
 at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type) {
   if (t.dim() == 1 && t.scalar_type() == type && t.is_contiguous()) {
     return t;
   }
-  if (at::Tensor converted = small_to_float(t, type); converted.defined()) {
-    return converted.view({rows});
-  }
-  return t.reshape({rows}).to(type).contiguous();
+  return converted_to(t.reshape({rows}), type).contiguous();
 }
 
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
@@ -218,14 +218,9 @@ RowInputs flatten_rows(
 
 at::Tensor rows_of_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc) {
   if (grad.dim() == 0) {
-    if (grad.scalar_type() == acc) {
-      return grad;
-    }
-    at::Tensor converted = small_to_float(grad, acc);
-    return converted.defined() ? converted : grad.to(acc);
+    return grad.scalar_type() == acc ? grad : converted_to(grad, acc);
   }
   return as_rows(grad, rows, acc);
 }
-
 
 }  // namespace pgext
