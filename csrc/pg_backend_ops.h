@@ -12,8 +12,11 @@
 //   backward(in, BackwardRows, grad_logit)
 //   reduce(policy, entropy_weighted, reduction, shape, dtype)
 //                               -> the two losses, in a fixed order
+//   empty(sizes, options)       -> an uninitialized tensor (per-row outputs)
 //   empty_logit_sized(rows, n, options)
 //                               -> the uninitialized (rows, n) gradient
+//   upstream_grad(grad, rows, acc)
+//                               -> a loss's gradient as BackwardRows holds it
 //
 // so that both backends have the very same semantics, shapes and dtypes.
 #include "pg_checks.h"
@@ -37,8 +40,11 @@ struct ForwardRows {
 
 // Backward's inputs besides the logits, actions, returns and weights.
 struct BackwardRows {
-  at::Tensor grad_policy;   // rows_of_grad: 0-d or (rows,), accumulation dtype
-  at::Tensor grad_entropy;  // (read with grad_row_stride)
+  // Backend::upstream_grad: rows_of_grad's result (0-d or (rows,), in the
+  // accumulation dtype, read with grad_row_stride), or on CPU the 0-d
+  // gradient as given, of any floating dtype.
+  at::Tensor grad_policy;
+  at::Tensor grad_entropy;
   at::Tensor lse;           // (rows,) contiguous, accumulation dtype
   at::Tensor entropy;       // (rows,) contiguous, accumulation dtype
   double inv_count;         // 1 / rows for reduction 'mean', else 1
@@ -73,8 +79,8 @@ struct BackendOps {
 
     const auto stats = stats_options(logit);
     ForwardRows out{
-        at::empty({in.rows}, stats), at::empty({in.rows}, stats),
-        at::empty({in.rows}, stats), at::empty({in.rows}, stats)};
+        Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats),
+        Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats)};
     Backend::forward(in, out);
     auto [policy, entropy] = Backend::reduce(
         out.policy, out.entropy_weighted, red, action.sizes(), loss_type(logit, ret, weight));
@@ -122,8 +128,8 @@ struct BackendOps {
     const RowInputs in = flatten_logit_and_action(logit, action);
     const auto stats = stats_options(logit);
     ShardRows out{
-        at::empty({in.rows}, stats), at::empty({in.rows}, stats),
-        at::empty({in.rows}, stats), at::empty({in.rows}, stats)};
+        Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats),
+        Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats)};
     Backend::row_stats(in, vocab_start, out);
     const auto shape = action.sizes();
     return {out.max.view(shape), out.sum_exp.view(shape), out.shifted_sum.view(shape),
@@ -162,8 +168,8 @@ struct BackendOps {
     const double inv_count =
         red == Reduction::Mean && in.rows > 0 ? 1.0 / static_cast<double>(in.rows) : 1.0;
     const BackwardRows rows{
-        rows_of_grad(grad_policy, in.rows, acc),
-        rows_of_grad(grad_entropy, in.rows, acc),
+        Backend::upstream_grad(grad_policy, in.rows, acc),
+        Backend::upstream_grad(grad_entropy, in.rows, acc),
         as_rows(lse, in.rows, acc),
         as_rows(entropy, in.rows, acc),
         inv_count,

@@ -1,8 +1,8 @@
 #include "pg_checks.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/ops/div.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -149,7 +149,8 @@ at::Tensor logit_rows(const at::Tensor& logit, int64_t rows, int64_t n) {
 // A contiguous half-type tensor as float, converted by a plain loop.
 template <typename half_t>
 at::Tensor small_half_to_float(const at::Tensor& t) {
-  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  // CPU only (small_to_float): allocated without a dispatch, see empty_cpu.
+  at::Tensor out = at::detail::empty_cpu(t.sizes(), t.options().dtype(at::kFloat));
   const half_t* src = t.const_data_ptr<half_t>();
   float* dst = out.mutable_data_ptr<float>();
   for (int64_t i = 0, n = t.numel(); i < n; ++i) {
@@ -190,7 +191,9 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type) {
   if (t.dim() == 1 && t.scalar_type() == type && t.is_contiguous()) {
     return t;
   }
-  return converted_to(t.reshape({rows}), type).contiguous();
+  // A 1-d `t` holds `rows` values already: its reshape would be one more
+  // dispatched op (two, with its view) per conversion.
+  return converted_to(t.dim() == 1 ? t : t.reshape({rows}), type).contiguous();
 }
 
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {

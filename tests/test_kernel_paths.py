@@ -1,8 +1,8 @@
 """The CPU kernels' separate code paths, each against the reference.
 
 The CPU build picks, by row length N and output size:
-  - short rows (N up to two vectors of the accumulation type: 32 float32 /
-    16 float64 with AVX-512, half that with AVX2), W rows at a time in a
+  - short rows (N up to four vectors of the accumulation type: 64 float32 /
+    32 float64 with AVX-512, half that with AVX2), W rows at a time in a
     transposed tile; backward uses tiles up to half a vector;
   - the per-row loop over 4096-logit cache blocks, one or several blocks;
   - rows split across threads when they are fewer than 4x the threads;
@@ -24,7 +24,7 @@ import pgext
 from conftest import FLOAT_DTYPES, ROOT, check_against_reference, dtype_id, make_inputs
 
 # Both sides of every length threshold above, for W = 4, 8 and 16.
-PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 4095, 4096, 4097, 8193]
+PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 4095, 4096, 4097, 8193]
 
 
 @pytest.mark.parametrize("n", PATH_NS)

@@ -6,7 +6,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Version.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
@@ -133,7 +132,7 @@ at::Tensor reduce_rows(const at::Tensor& rows, Reduction red, at::IntArrayRef sh
   }
   // Written in place rather than by at::scalar_tensor, whose dispatched fill
   // costs as much as a small batch's kernel.
-  at::Tensor loss = at::empty({}, rows.options().dtype(dtype));
+  at::Tensor loss = empty_cpu({}, rows.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pg_error_loss", [&] {
     *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
   });
@@ -162,8 +161,22 @@ struct CpuBackend {
     kernels(in.logit.scalar_type()).backward(in, rows, grad_logit);
   }
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return empty_cpu(sizes, options);
+  }
+
   static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
     return cpu::empty_logit_sized(rows, n, options);
+  }
+
+  // A 0-d gradient of a floating dtype stays as it is: BackwardSource reads
+  // its one value on the host, where converting it to a float tensor would
+  // cost an allocation per loss (a bfloat16 loss's gradient is bfloat16).
+  static at::Tensor upstream_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc) {
+    if (grad.dim() == 0 && at::isFloatingType(grad.scalar_type())) {
+      return grad;
+    }
+    return rows_of_grad(grad, rows, acc);
   }
 
   static std::pair<at::Tensor, at::Tensor> reduce(

@@ -1,7 +1,6 @@
 #include "pg_cpu_alloc.h"
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -132,11 +131,15 @@ bool huge_pages_enabled() {
 
 }  // namespace
 
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_cpu(sizes, options);
+}
+
 at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
   const int64_t nbytes = rows * n * static_cast<int64_t>(c10::elementSize(dtype));
   if (nbytes < static_cast<int64_t>(kHugePage) || !huge_pages_enabled()) {
-    return at::empty({rows, n}, options);
+    return empty_cpu({rows, n}, options);
   }
   return at::detail::empty_generic(
       {rows, n}, &huge_page_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);

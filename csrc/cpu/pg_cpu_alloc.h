@@ -1,9 +1,14 @@
 #pragma once
-// Allocation of the CPU kernels' logit-sized outputs (the gradient).
+// Allocation of the CPU kernels' outputs.
 #include <ATen/core/Tensor.h>
 
 namespace pgext {
 namespace cpu {
+
+// An uninitialized CPU tensor, allocated directly rather than by a dispatched
+// at::empty: a small batch's step allocates about eight, and each dispatch
+// costs more than the kernels' work on a row.
+at::Tensor empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // An uninitialized (rows, n) tensor. From 2 MiB on it is mapped on transparent
 // huge pages where the OS allows (THP mode "madvise" or "always"): a fresh

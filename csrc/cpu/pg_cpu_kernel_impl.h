@@ -18,6 +18,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 // The logit dtypes of this build: kernel_avx512_bf16.cpp, the build for the
@@ -65,6 +66,27 @@ inline auto load_pair(const scalar_t* x) {
   }
 }
 
+// The ragged end: `rest` (< 2W) logits at x, in order, padded with -inf so
+// that the padding adds nothing to the sums. Masked loads: a scalar copy to a
+// buffer was a fifth of a (4096, 40) forward.
+template <typename scalar_t>
+inline auto load_tail(const scalar_t* x, int64_t rest) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const V neg_inf(math::neg_inf<acc_t>());
+  const int64_t first = std::min(rest, W);
+  const int64_t second = rest - first;
+  V a, b;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    a = V::loadu(x, first);
+    b = second > 0 ? V::loadu(x + W, second) : neg_inf;
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x, rest));
+  }
+  return std::pair<V, V>(V::set(neg_inf, a, first), V::set(neg_inf, b, second));
+}
+
 template <typename scalar_t>
 RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -72,11 +94,7 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
   constexpr int64_t W = V::size();
   const int64_t full = len - len % (2 * W);
   const int64_t rest = len - full;
-  // The ragged end, padded with -inf so that it adds nothing to the sums.
-  alignas(64) acc_t tail[2 * W];
-  for (int64_t j = 0; j < 2 * W; ++j) {
-    tail[j] = j < rest ? static_cast<acc_t>(x[full + j]) : math::neg_inf<acc_t>();
-  }
+  const auto [tail0, tail1] = load_tail(x + full, rest);
 
   // One max instruction per vector (at::vec::maximum, which keeps NaN, costs
   // four): a NaN may be dropped here, but the sums below carry it to the
@@ -88,7 +106,7 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
     vmax = max_of(vmax, max_of(a, b));
   }
   if (rest > 0) {
-    vmax = max_of(vmax, max_of(V::loadu(tail), V::loadu(tail + W)));
+    vmax = max_of(vmax, max_of(tail0, tail1));
   }
   const acc_t m = at::vec::vec_reduce_all<acc_t>(
       [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
@@ -121,12 +139,12 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
   }
   // A whole vector left goes to the first pair, a partial one to the second.
   if (rest >= W) {
-    add_to(V::loadu(tail), s0, u0);
+    add_to(tail0, s0, u0);
     if (rest > W) {
-      add_to(V::loadu(tail + W), s1, u1);
+      add_to(tail1, s1, u1);
     }
   } else if (rest > 0) {
-    add_to(V::loadu(tail), s1, u1);
+    add_to(tail0, s1, u1);
   }
   const auto add = [](V& a, V& b) { return a + b; };
   RowStats<acc_t> st;
@@ -269,17 +287,20 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
         using VS = Vectorized<scalar_t>;
         constexpr int64_t WS = VS::size();
         scalar_t* d = stream ? sbuf.data() : dst;
+        const V lane_index = V::arange(acc_t(0), acc_t(1));
+        const V zero(acc_t(0));
+        const V vcp(c.c_policy);
         const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
           auto [first, second] = half_pair_load(x + i, count);
           first = grad_vec(first);
           second = grad_vec(second);
           if (one_hot >= 0) {
-            alignas(64) acc_t g[WS];
-            first.store(g);
-            second.store(g + W);
-            g[half_pair_slot<scalar_t>(one_hot)] -= c.c_policy;
-            first = V::loadu(g);
-            second = V::loadu(g + W);
+            // Subtracted in registers: a scalar write into a spilled pair
+            // stalls its reload (store forwarding), about a row's time on
+            // short rows. x - 0 is x, so the other lanes are unchanged.
+            const V slot(static_cast<acc_t>(half_pair_slot<scalar_t>(one_hot)));
+            first = first - V::blendv(zero, vcp, lane_index == slot);
+            second = second - V::blendv(zero, vcp, lane_index == slot - V(acc_t(W)));
           }
           half_pair_store(first, second, d + i, count);
         };

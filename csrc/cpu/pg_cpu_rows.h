@@ -6,6 +6,7 @@
 
 #include "../pg_math.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 namespace pgext {
@@ -89,6 +90,29 @@ struct ShardSink {
   acc_t* action_logit;
 };
 
+// A loss's upstream gradient for row r: a (rows,) tensor in acc_t, or one
+// value for every row, read here from a 0-d tensor of any floating dtype
+// (CpuBackend::upstream_grad).
+template <typename acc_t>
+struct UpstreamGrad {
+  explicit UpstreamGrad(const at::Tensor& grad) {
+    if (grad.dim() == 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pg_upstream_grad", [&] {
+        value = static_cast<acc_t>(*grad.const_data_ptr<scalar_t>());
+      });
+    } else {
+      rows = grad.const_data_ptr<acc_t>();
+      stride = grad.stride(0);
+    }
+  }
+  acc_t operator[](int64_t r) const {
+    return rows ? rows[r * stride] : value;
+  }
+  const acc_t* rows = nullptr;
+  int64_t stride = 0;
+  acc_t value = 0;
+};
+
 // Backward's per-row inputs (BackwardRows and the samples).
 template <typename acc_t>
 struct BackwardSource {
@@ -97,17 +121,15 @@ struct BackwardSource {
         vocab_start(rows.shard_vocab_start.value_or(0)),
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
-        g_pol(rows.grad_policy.const_data_ptr<acc_t>()),
-        g_pol_stride(grad_row_stride(rows.grad_policy)),
-        g_ent(rows.grad_entropy.const_data_ptr<acc_t>()),
-        g_ent_stride(grad_row_stride(rows.grad_entropy)),
+        g_pol(rows.grad_policy),
+        g_ent(rows.grad_entropy),
         lse(rows.lse.const_data_ptr<acc_t>()),
         entropy(rows.entropy.const_data_ptr<acc_t>()),
         inv_count(static_cast<acc_t>(rows.inv_count)) {}
 
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
-    return math::grad_coef(g_pol[r * g_pol_stride], g_ent[r * g_ent_stride], ret[r], w, entropy[r], inv_count);
+    return math::grad_coef(g_pol[r], g_ent[r], ret[r], w, entropy[r], inv_count);
   }
 
   // The action's column within the row (or shard); may lie outside [0, n).
@@ -119,10 +141,8 @@ struct BackwardSource {
   int64_t vocab_start;
   const acc_t* ret;
   const acc_t* weight;
-  const acc_t* g_pol;
-  int64_t g_pol_stride;
-  const acc_t* g_ent;
-  int64_t g_ent_stride;
+  UpstreamGrad<acc_t> g_pol;
+  UpstreamGrad<acc_t> g_ent;
   const acc_t* lse;
   const acc_t* entropy;
   acc_t inv_count;

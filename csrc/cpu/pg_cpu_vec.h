@@ -148,7 +148,21 @@ inline int64_t half_pair_slot(int64_t j) {
   }
 }
 
-// Rounds to nearest even and stores the first `count` of the 2W values at dst.
+// [first..., second...] rounded to nearest even, in that order.
+template <typename scalar_t>
+inline Vectorized<scalar_t> round_pair(const Vectorized<float>& first, const Vectorized<float>& second) {
+#if defined(PGEXT_CPU_AVX512_BF16)
+  if constexpr (kBf16Instructions<scalar_t>) {
+    return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first)));
+  } else
+#endif
+  {
+    return at::vec::convert_from_float<scalar_t>(first, second);
+  }
+}
+
+// Rounds to nearest even and stores the first `count` of the 2W values of a
+// half_pair_load pair at dst.
 template <typename scalar_t>
 inline void half_pair_store(
     const Vectorized<float>& first, const Vectorized<float>& second, scalar_t* dst,
@@ -159,12 +173,12 @@ inline void half_pair_store(
     const __m512i interleave = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+    const __m512i packed = round_pair<scalar_t>(first, second);
     Vectorized<scalar_t>(_mm512_permutexvar_epi16(interleave, packed)).store(dst, count);
     return;
   }
 #endif
-  at::vec::convert_from_float<scalar_t>(first, second).store(dst, count);
+  round_pair<scalar_t>(first, second).store(dst, count);
 }
 
 // Copies `nbytes` to memory that will not be read again soon (a gradient

@@ -33,8 +33,16 @@ struct CudaBackend {
     launch_backward(in, rows, grad_logit);
   }
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
   static at::Tensor empty_logit_sized(int64_t rows, int64_t n, const at::TensorOptions& options) {
     return at::empty({rows, n}, options);
+  }
+
+  static at::Tensor upstream_grad(const at::Tensor& grad, int64_t rows, at::ScalarType acc) {
+    return rows_of_grad(grad, rows, acc);
   }
 
   static std::pair<at::Tensor, at::Tensor> reduce(
