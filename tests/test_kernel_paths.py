@@ -85,11 +85,12 @@ def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
     exactly as the float32 one does and rounds once, to nearest even: whatever
     the conversion (at::vec's, or the AVX512_BF16 instructions with their
     interleaved lane order), with the action at every position of a vector
-    pair and masked logits."""
+    pair, masked logits and a NaN row."""
     rows = 70
     g = torch.Generator().manual_seed(n)
     logit = (3 * torch.randn(rows, n, generator=g)).bfloat16()
     logit[5, ::7] = -math.inf
+    logit[6, n // 2] = math.nan
     action = torch.randint(0, n, (rows,), generator=g)
     action[:64] = (torch.arange(64) + n // 3) % n  # every position within 64 logits
     return_ = torch.randn(rows, generator=g).bfloat16()
@@ -100,9 +101,39 @@ def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
     got = bwd(up_p, up_e, logit, action, return_, None, lse, entropy, "none")
     want = bwd(up_p.float(), up_e.float(), logit.float(), action, return_.float(), None, lse, entropy, "none")
     assert got.dtype == torch.bfloat16
+    nan = torch.isnan(want)
+    assert nan[6].all() and nan.sum() == n, nan.sum()
     # no float32 gradient here is below 2^-126, where AVX512_BF16 flushes to zero
-    assert (want[want != 0].abs() > 2**-126).all()
-    assert torch.equal(got, want.bfloat16()), (got.float() - want.bfloat16().float()).abs().max()
+    assert (want[(want != 0) & ~nan].abs() > 2**-126).all()
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], want[~nan].bfloat16()), (got.float() - want.bfloat16().float())[~nan].abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_huge_coefficients_keep_masked_gradients_exactly_zero(dtype):
+    """Backward factors the gradient as p * (k - cE * t) only while that
+    stays finite at t = -88; a row with entropy coefficient 1e37 takes
+    p * k - cE * (p * t) instead, so its masked logits still get exactly 0
+    (the factored form would give 0 * inf = NaN) and the rest match float64."""
+    rows, n = 3, 40
+    g = torch.Generator().manual_seed(7)
+    logit = torch.randn(rows, n, generator=g).to(dtype)
+    logit[:, ::5] = -math.inf
+    action = torch.tensor([1, 2, 3])
+    return_ = torch.randn(rows, generator=g).to(dtype)
+    fwd, bwd = torch.ops.pgext.pg_error_forward.default, torch.ops.pgext.pg_error_backward.default
+    _, _, lse, entropy = fwd(logit.float(), action, return_.float(), None, "none")
+    up_p = torch.tensor([1.0, 1e37, 1.0]).to(dtype)
+    up_e = torch.tensor([1e37, 1.0, 0.5]).to(dtype)
+    got = bwd(up_p, up_e, logit, action, return_, None, lse, entropy, "none").double()
+    want = bwd(up_p.double(), up_e.double(), logit.double(), action, return_.double(), None,
+               lse.double(), entropy.double(), "none")
+    masked = torch.isinf(logit)
+    assert (got[masked] == 0).all(), got[masked]
+    assert torch.isfinite(got).all(), got
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    scale = want.abs().amax(dim=1, keepdim=True)
+    assert ((got - want).abs() <= tol * scale).all(), ((got - want).abs() / scale).max()
 
 
 def test_float32_exp_over_its_whole_range():
