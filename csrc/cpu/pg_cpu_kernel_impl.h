@@ -265,7 +265,13 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
           for (; i + W <= count; i += W) {
             grad_vec(V::loadu(x_acc + i)).store(g + i);
           }
-          if (i < count) {
+          if (i < count && count >= W) {
+            // The ragged end as the last W logits, overlapping the vector
+            // before (those values are written again, the same bits): at::vec's
+            // partial loads and stores go through a buffer and cost more than
+            // a vector's arithmetic.
+            grad_vec(V::loadu(x_acc + count - W)).store(g + count - W);
+          } else if (i < count) {
             grad_vec(V::loadu(x_acc + i, count - i)).store(g + i, count - i);
           }
           if (a >= offset && a < offset + count) {
@@ -304,9 +310,8 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             }
             half_pair_store(first, second, d + i, count);
           };
-          // Only the chunk that holds the action's entry goes through a float
-          // buffer; the loops around it test nothing. The ragged end is one
-          // more chunk, with partial loads and stores.
+          // Only the chunk that holds the action's entry blends it in; the
+          // loops around it test nothing. The ragged end is one more chunk.
           const int64_t full = len - len % WS;
           const int64_t a_chunk = a >= 0 && a < full ? a - a % WS : full;
           for (int64_t i = 0; i < a_chunk; i += WS) {
@@ -319,7 +324,9 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             chunk(i, WS, -1);
           }
           if (full < len) {
-            chunk(full, len - full, a >= full && a < len ? a - full : -1);
+            // From len >= WS on, the last WS logits, overlapping (see grad_run).
+            const int64_t i = len >= WS ? len - WS : full;
+            chunk(i, len - i, a >= i && a < len ? a - i : -1);
           }
           if (stream) {
             stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
@@ -358,10 +365,19 @@ bool short_rows(const RowInputs& in) {
 }
 
 // Backward has no reduction to share across a tile, only the transposes to pay
-// for: tiles win over the per-row loop up to about half a vector (measured).
+// for, against the per-row loop's partial vectors. With AVX-512 those are
+// masked instructions, and tiles win up to about half a vector (measured on
+// Zen 4). Elsewhere at::vec copies a partial vector through a buffer, and
+// tiles win for every row shorter than the per-row loop's step, one logit
+// vector (AVX2 on Zen 1, one thread: float32 at N = 5 24 against 36 ns a row,
+// bfloat16 at N = 8 38 against 50).
 template <typename scalar_t>
 bool short_rows_backward(const RowInputs& in) {
+#if defined(CPU_CAPABILITY_AVX512)
   return in.n <= Vectorized<at::opmath_type<scalar_t>>::size() / 2;
+#else
+  return in.n < Vectorized<scalar_t>::size();
+#endif
 }
 
 void forward(const RowInputs& in, ForwardRows& out) {

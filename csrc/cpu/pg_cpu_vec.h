@@ -135,20 +135,20 @@ inline std::pair<Vectorized<float>, Vectorized<float>> load_bf16_even_odd(const 
 //    7.44 ms at 4096 x 1000 and from 383 to 338 us at 4096 x 18.
 //  - the AVX512 build (CPUs without AVX512_BF16) and the portable one:
 //    at::vec, in order.
+enum class Bf16Rounding { kAtVec, kInstructions, kEvenOddSoftware };
 #if defined(PGEXT_CPU_AVX512_BF16)
-template <typename scalar_t>
-constexpr bool kBf16Instructions = std::is_same_v<scalar_t, at::BFloat16>;
+constexpr Bf16Rounding kBf16Rounding = Bf16Rounding::kInstructions;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr Bf16Rounding kBf16Rounding = Bf16Rounding::kEvenOddSoftware;
 #else
-template <typename scalar_t>
-constexpr bool kBf16Instructions = false;
+constexpr Bf16Rounding kBf16Rounding = Bf16Rounding::kAtVec;
 #endif
-#if defined(CPU_CAPABILITY_AVX2)
 template <typename scalar_t>
-constexpr bool kBf16EvenOddRounding = std::is_same_v<scalar_t, at::BFloat16>;
-#else
+constexpr bool kBf16Instructions =
+    std::is_same_v<scalar_t, at::BFloat16> && kBf16Rounding == Bf16Rounding::kInstructions;
 template <typename scalar_t>
-constexpr bool kBf16EvenOddRounding = false;
-#endif
+constexpr bool kBf16EvenOddRounding =
+    std::is_same_v<scalar_t, at::BFloat16> && kBf16Rounding == Bf16Rounding::kEvenOddSoftware;
 template <typename scalar_t>
 constexpr bool kHalfPairEvenOdd = kBf16Instructions<scalar_t> || kBf16EvenOddRounding<scalar_t>;
 
