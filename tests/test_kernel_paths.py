@@ -3,7 +3,8 @@
 The CPU build picks, by row length N and output size:
   - short rows (N up to four vectors of the accumulation type: 64 float32 /
     32 float64 with AVX-512, half that with AVX2), W rows at a time in a
-    transposed tile; backward uses tiles up to half a vector;
+    transposed tile; backward uses tiles up to half a vector with AVX-512,
+    and for every row shorter than one logit vector elsewhere;
   - the per-row loop over 4096-logit cache blocks, one or several blocks;
   - rows split across threads when they are fewer than 4x the threads;
   - gradients of 16 MiB and more written with non-temporal stores;
