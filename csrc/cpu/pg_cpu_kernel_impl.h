@@ -258,31 +258,41 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       const V vk(c.k);
       const V vce(c.c_entropy);
       const bool factored = kVexpFloor<acc_t> && std::abs(c.k) <= kFactoredMax && std::abs(c.c_entropy) <= kFactoredMax;
-      const auto row_block = [&](const auto& grad_vec) {
+      // grad_vec(x): the gradient of a vector of logits; grad_pair(x0, x1):
+      // of two, their exponentials in turn (vexp_pair).
+      const auto row_block = [&](const auto& grad_vec, const auto& grad_pair) {
         // grad of `count` logits in acc_t at x_acc into g, the one-hot entry
-        // (at column a - offset) included
-        const auto grad_run = [&](const acc_t* x_acc, int64_t count, int64_t offset, acc_t* g) {
+        // (at column a) included
+        const auto grad_run = [&](const acc_t* x_acc, int64_t count, acc_t* g) {
+          const auto pair_at = [&](int64_t i0, int64_t i1) {
+            const auto [g0, g1] = grad_pair(V::loadu(x_acc + i0), V::loadu(x_acc + i1));
+            g0.store(g + i0);
+            g1.store(g + i1);
+          };
           int64_t i = 0;
-          for (; i + W <= count; i += W) {
-            grad_vec(V::loadu(x_acc + i)).store(g + i);
+          for (; i + 2 * W <= count; i += 2 * W) {
+            pair_at(i, i + W);
           }
-          if (i < count && count >= W) {
-            // The ragged end as the last W logits, overlapping the vector
-            // before (those values are written again, the same bits): at::vec's
-            // partial loads and stores go through a buffer and cost more than
-            // a vector's arithmetic.
+          // A ragged end is computed as the last W logits, overlapping the
+          // vector before (those values are written again, the same bits):
+          // at::vec's partial loads and stores go through a buffer and cost
+          // more than a vector's arithmetic.
+          const int64_t rest = count - i;
+          if (rest > W) {
+            pair_at(i, count - W);
+          } else if (rest > 0 && count >= W) {
             grad_vec(V::loadu(x_acc + count - W)).store(g + count - W);
-          } else if (i < count) {
-            grad_vec(V::loadu(x_acc + i, count - i)).store(g + i, count - i);
+          } else if (rest > 0) {
+            grad_vec(V::loadu(x_acc + i, rest)).store(g + i, rest);
           }
-          if (a >= offset && a < offset + count) {
-            g[a - offset] -= c.c_policy;
+          if (a >= 0 && a < count) {
+            g[a] -= c.c_policy;
           }
         };
 
         if constexpr (!kConvert) {
           acc_t* g = stream ? gbuf.data() : dst;
-          grad_run(x, len, 0, g);
+          grad_run(x, len, g);
           if (stream) {
             stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
           }
@@ -341,17 +351,23 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       // exponential's latency). It is exact at p = 0 too as long as k - cE * t
       // is finite: with t >= -88 (kVexpFloor), for coefficients up to
       // kFactoredMax.
+      const auto with_grad = [&](const auto& grad_of) {  // grad_of(p, t)
+        row_block(
+            [&](const V& xv) {
+              const V tv = shifted(xv, vlse);
+              return grad_of(vexp(tv), tv);
+            },
+            [&](const V& x0, const V& x1) {
+              const V t0 = shifted(x0, vlse);
+              const V t1 = shifted(x1, vlse);
+              const auto [p0, p1] = vexp_pair(t0, t1);
+              return std::pair<V, V>(grad_of(p0, t0), grad_of(p1, t1));
+            });
+      };
       if (factored) {
-        row_block([&](const V& xv) {
-          const V tv = shifted(xv, vlse);
-          return vexp(tv) * at::vec::fnmadd(vce, tv, vk);
-        });
+        with_grad([&](const V& p, const V& tv) { return p * at::vec::fnmadd(vce, tv, vk); });
       } else {
-        row_block([&](const V& xv) {
-          const V tv = shifted(xv, vlse);
-          const V p = vexp(tv);
-          return at::vec::fnmadd(vce, p * tv, p * vk);
-        });
+        with_grad([&](const V& p, const V& tv) { return at::vec::fnmadd(vce, p * tv, p * vk); });
       }
     }
     if (stream) {
