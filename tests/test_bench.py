@@ -51,3 +51,19 @@ def test_small_batch_floor_script():
     assert min(pgext_us, ref_us, floor_us) > 0
     assert ratio == pytest.approx(ref_us / pgext_us, rel=0.01)
     assert best == pytest.approx(ref_us / floor_us, rel=0.01)
+
+
+def test_dtype_ratio_script():
+    res = run(["benchmarks/dtype_ratio.py", "--shapes", "8x5,4x40", "--target-time", "0.02", "--thp", "off"])
+    for shape in ("8x5", "4x40"):
+        rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {shape} ")]
+        assert len(rows) == 1, res.stdout
+        f32_ms, bf16_ms, ratio = (float(c) for c in rows[0].strip().strip("|").split("|")[1:])
+        assert min(f32_ms, bf16_ms) > 0
+        assert ratio == pytest.approx(bf16_ms / f32_ms, rel=0.01)
+
+
+def test_dtype_ratio_script_rejects_an_unknown_dtype():
+    res = subprocess.run([sys.executable, "benchmarks/dtype_ratio.py", "--dtypes", "float32,int8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown dtype 'int8'" in res.stderr, res.stderr

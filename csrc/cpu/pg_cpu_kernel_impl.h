@@ -335,9 +335,28 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             chunk(i, WS, -1);
           }
           if (full < len) {
-            // From len >= WS on, the last WS logits, overlapping (see grad_run).
-            const int64_t i = len >= WS ? len - WS : full;
-            chunk(i, len - i, a >= i && a < len ? a - i : -1);
+            bool done = false;
+#if defined(CPU_CAPABILITY_AVX2)
+            if constexpr (kBf16EvenOddRounding<scalar_t>) {
+              if (len - full <= W && len >= W) {
+                // A ragged end of at most W logits (18 = 16 + 2): the last W,
+                // in order, as one float vector, where a pair computes 2W.
+                // N = 18: 70 -> 64 ns a row; N = 40: 99 -> 87 (one thread).
+                const int64_t i = len - W;
+                V g = grad_vec(load_bf16_in_order(x + i));
+                if (a >= i && a < len) {
+                  g = g - V::blendv(zero, vcp, lane_index == V(static_cast<acc_t>(a - i)));
+                }
+                store_bf16_in_order(g, d + i);
+                done = true;
+              }
+            }
+#endif
+            if (!done) {
+              // From len >= WS on, the last WS logits, overlapping (see grad_run).
+              const int64_t i = len >= WS ? len - WS : full;
+              chunk(i, len - i, a >= i && a < len ? a - i : -1);
+            }
           }
           if (stream) {
             stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
