@@ -8,10 +8,12 @@ then ``(loss.policy_loss - 0.01 * loss.entropy_loss).backward()``) for each
 dtype in one process, one dtype after the other call by call, so that noise
 hits both alike, and prints the median times and their ratio to the first.
 
-Each dtype gets its own leaf tensor (a float32 ``.to(torch.float32)`` would
-return the source tensor itself, and a later ``.to`` of it would no longer be
-a leaf). THP_MEM_ALLOC_ENABLE=1 is set before torch is imported, as the
-benchmark's "THP on" mode does; pass --thp off to leave it unset.
+The inputs and the step are the benchmark's own (pgext._bench_measure), so
+each dtype has its own leaf logits: one float32 tensor shared as the source of
+the others would make them non-leaf copies whose backward adds a copy and an
+accumulation into the source's gradient. THP_MEM_ALLOC_ENABLE=1 is set before
+torch is imported, as the benchmark's "THP on" mode does; pass --thp off to
+leave it unset.
 
     .venv/bin/python benchmarks/dtype_ratio.py [--shapes 4096x1000] [--dtypes float32,bfloat16]
 """
@@ -52,6 +54,7 @@ def main() -> None:
     import torch
 
     import pgext
+    from pgext._bench_measure import _inputs, _loss_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,32 +66,21 @@ def main() -> None:
     print("| --- |" + " --- |" * (2 * len(names) - 1))
     for spec in args.shapes.split(","):
         rows, n = (int(v) for v in spec.lower().split("x"))
-        g = torch.Generator().manual_seed(rows * 1_000_003 + n)
-        logit = torch.randn(rows, n, generator=g)
-        action = torch.randint(0, n, (rows,), generator=g)
-        ret = torch.randn(rows, generator=g)
-        inputs = [(logit.to(dt).clone().requires_grad_(), ret.to(dt).clone()) for dt in dtypes]
-
-        def step(i):
-            x, r = inputs[i]
-            x.grad = None
-            loss = pgext.pg_error(pgext.pg_data(x, action, r))
-            (loss.policy_loss - 0.01 * loss.entropy_loss).backward()
-
+        steps = [_loss_step(pgext.pg_error, pgext.pg_data, *_inputs(rows, n, dt, "cpu")) for dt in dtypes]
         per_step = []
-        for i in range(len(dtypes)):
-            step(i)  # first call: allocations
+        for step in steps:
+            step()  # first call: allocations
             t0 = time.perf_counter()
             for _ in range(3):
-                step(i)
+                step()
             per_step.append((time.perf_counter() - t0) / 3)
         calls = max(5, int(args.target_time / max(per_step)))
         samples = [[] for _ in dtypes]
         for _ in range(calls):
-            for i in range(len(dtypes)):
+            for step, times in zip(steps, samples):
                 t0 = time.perf_counter()
-                step(i)
-                samples[i].append(time.perf_counter() - t0)
+                step()
+                times.append(time.perf_counter() - t0)
         ms = [statistics.median(s) * 1e3 for s in samples]
         print(f"| {rows}x{n} | " + " | ".join(f"{m:.4g}" for m in ms) + " | "
               + " | ".join(f"{m / ms[0]:.2f}" for m in ms[1:]) + " |", flush=True)

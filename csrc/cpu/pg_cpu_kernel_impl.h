@@ -307,17 +307,21 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
           const V lane_index = V::arange(acc_t(0), acc_t(1));
           const V zero(acc_t(0));
           const V vcp(c.c_policy);
+          // g less c_policy in the lane numbered `lane` (if any): the one-hot
+          // subtracted in registers, since a scalar write into a spilled
+          // vector stalls its reload (store forwarding), about a row's time on
+          // short rows. x - 0 is x, so the other lanes are unchanged.
+          const auto less_policy_at = [&](const V& g, const V& lane) {
+            return g - V::blendv(zero, vcp, lane_index == lane);
+          };
           const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
             auto [first, second] = half_pair_load(x + i, count);
             first = grad_vec(first);
             second = grad_vec(second);
             if (one_hot >= 0) {
-              // Subtracted in registers: a scalar write into a spilled pair
-              // stalls its reload (store forwarding), about a row's time on
-              // short rows. x - 0 is x, so the other lanes are unchanged.
               const V slot(static_cast<acc_t>(half_pair_slot<scalar_t>(one_hot)));
-              first = first - V::blendv(zero, vcp, lane_index == slot);
-              second = second - V::blendv(zero, vcp, lane_index == slot - V(acc_t(W)));
+              first = less_policy_at(first, slot);
+              second = less_policy_at(second, slot - V(acc_t(W)));
             }
             half_pair_store(first, second, d + i, count);
           };
@@ -345,7 +349,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
                 const int64_t i = len - W;
                 V g = grad_vec(load_bf16_in_order(x + i));
                 if (a >= i && a < len) {
-                  g = g - V::blendv(zero, vcp, lane_index == V(static_cast<acc_t>(a - i)));
+                  g = less_policy_at(g, V(static_cast<acc_t>(a - i)));
                 }
                 store_bf16_in_order(g, d + i);
                 done = true;
