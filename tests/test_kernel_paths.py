@@ -4,7 +4,9 @@ The CPU build picks, by row length N and output size:
   - short rows (N up to four vectors of the accumulation type: 64 float32 /
     32 float64 with AVX-512, half that with AVX2), W rows at a time in a
     transposed tile; backward uses tiles up to half a vector with AVX-512,
-    and for every row shorter than one logit vector elsewhere;
+    and for every row shorter than one logit vector elsewhere; bfloat16 with
+    AVX2 moves tiles of N >= 8 by vector transposes, and backward uses them
+    up to N = 28 except at N = 16;
   - the per-row loop over 4096-logit cache blocks, one or several blocks;
   - rows split across threads when they are fewer than 4x the threads;
   - gradients of 16 MiB and more written with non-temporal stores;
@@ -25,7 +27,7 @@ import pgext
 from conftest import FLOAT_DTYPES, ROOT, check_against_reference, dtype_id, make_inputs
 
 # Both sides of every length threshold above, for W = 4, 8 and 16.
-PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 4095, 4096, 4097, 8193]
+PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 28, 29, 31, 32, 33, 63, 64, 65, 4095, 4096, 4097, 8193]
 
 
 @pytest.mark.parametrize("n", PATH_NS)
@@ -96,13 +98,14 @@ def test_nan_in_a_block_with_no_finite_logit():
         assert torch.isfinite(value[3]), (name, value)
 
 
-@pytest.mark.parametrize("n", [40, 1000, 4133])
+@pytest.mark.parametrize("n", [8, 9, 18, 23, 28, 40, 1000, 4133])
 def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
     """Given the same row statistics, the bfloat16 backward computes in float32
     exactly as the float32 one does and rounds once, to nearest even: whatever
-    the conversion (at::vec's, or the AVX512_BF16 instructions with their
-    interleaved lane order), with the action at every position of a vector
-    pair, masked logits and a NaN row."""
+    the conversion (at::vec's, the AVX512_BF16 instructions with their
+    interleaved lane order, or the AVX2 tiles' transposes of column pairs),
+    with the action at every position of a vector pair, masked logits and a
+    NaN row; 70 rows, so that the last tile is partial."""
     rows = 70
     g = torch.Generator().manual_seed(n)
     logit = (3 * torch.randn(rows, n, generator=g)).bfloat16()
@@ -126,13 +129,16 @@ def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
     assert torch.equal(got[~nan], want[~nan].bfloat16()), (got.float() - want.bfloat16().float())[~nan].abs().max()
 
 
+@pytest.mark.parametrize("n", [18, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_huge_coefficients_keep_masked_gradients_exactly_zero(dtype):
+def test_huge_coefficients_keep_masked_gradients_exactly_zero(dtype, n):
     """Backward factors the gradient as p * (k - cE * t) only while that
     stays finite at t = -88; a row with entropy coefficient 1e37 takes
     p * k - cE * (p * t) instead, so its masked logits still get exactly 0
-    (the factored form would give 0 * inf = NaN) and the rest match float64."""
-    rows, n = 3, 40
+    (the factored form would give 0 * inf = NaN) and the rest match float64.
+    N = 18 is a bfloat16 tile (AVX2), where the whole tile takes the
+    unfactored form."""
+    rows = 3
     g = torch.Generator().manual_seed(7)
     logit = torch.randn(rows, n, generator=g).to(dtype)
     logit[:, ::5] = -math.inf

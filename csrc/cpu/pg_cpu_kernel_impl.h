@@ -40,9 +40,6 @@ using math::RowStats;
 
 // 4096 float32 logits = 16 KiB: the block stays in L1 between its two passes.
 constexpr int64_t kBlock = 4096;
-// The largest |k| and |cE| (pg_math.h) for which backward factors the
-// gradient as p * (k - cE * t): |k| + 88 |cE| stays far below FLT_MAX.
-constexpr double kFactoredMax = 1e36;
 // Gradients at least this large are written with non-temporal stores: they
 // cannot stay in the caches (L3: 32 MiB on the Zen 4, 8 MiB on the Zen 1)
 // until anyone reads them.
@@ -257,7 +254,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       const V vlse(src.lse[r]);
       const V vk(c.k);
       const V vce(c.c_entropy);
-      const bool factored = kVexpFloor<acc_t> && std::abs(c.k) <= kFactoredMax && std::abs(c.c_entropy) <= kFactoredMax;
+      const bool factored = factorable(c);
       // grad_vec(x): the gradient of a vector of logits; grad_pair(x0, x1):
       // of two, their exponentials in turn (vexp_pair).
       const auto row_block = [&](const auto& grad_vec, const auto& grad_pair) {
@@ -410,13 +407,23 @@ bool short_rows(const RowInputs& in) {
 // Zen 4). Elsewhere at::vec copies a partial vector through a buffer, and
 // tiles win for every row shorter than the per-row loop's step, one logit
 // vector (AVX2 on Zen 1, one thread: float32 at N = 5 24 against 36 ns a row,
-// bfloat16 at N = 8 38 against 50).
+// bfloat16 at N = 8 38 against 50). bfloat16 tiles with AVX2 move in and out
+// by vector transposes (pg_cpu_bf16_tile.h) and also win on rows with a
+// ragged end, up to N = 28 (N = 18: 49 against 63 ns a row, N = 28: 68
+// against 72); at N = 16, one whole chunk, and from N = 30 the per-row loop
+// is faster (41 against 43 at N = 16, 70 against 73 at N = 32).
 template <typename scalar_t>
 bool short_rows_backward(const RowInputs& in) {
 #if defined(CPU_CAPABILITY_AVX512)
   return in.n <= Vectorized<at::opmath_type<scalar_t>>::size() / 2;
 #else
-  return in.n < Vectorized<scalar_t>::size();
+  constexpr int64_t kChunk = Vectorized<scalar_t>::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kBf16EvenOddRounding<scalar_t>) {
+    return in.n <= 28 && in.n != kChunk;
+  }
+#endif
+  return in.n < kChunk;
 #endif
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -147,6 +148,28 @@ inline std::pair<Vectorized<double>, Vectorized<double>> vexp_pair(
   return {vexp(t0), vexp(t1)};
 }
 
+// The largest |k| and |cE| (pg_math.h) for which backward factors the
+// gradient as p * (k - cE * t): |k| + 88 |cE| stays far below FLT_MAX.
+constexpr double kFactoredMax = 1e36;
+
+// Whether a row's gradient may be computed as p * (k - cE * t) (see
+// backward_typed): only where t >= -88, so that the factor stays finite.
+template <typename acc_t>
+inline bool factorable(const math::RowGradCoef<acc_t>& c) {
+  return kVexpFloor<acc_t> && std::abs(c.k) <= kFactoredMax && std::abs(c.c_entropy) <= kFactoredMax;
+}
+
+// factorable for W rows at once, their k and cE in lanes.
+template <typename acc_t>
+inline bool all_factorable(const Vectorized<acc_t>& k, const Vectorized<acc_t>& c_entropy) {
+  if constexpr (kVexpFloor<acc_t>) {
+    // at::vec::maximum keeps NaN, and NaN <= kFactoredMax is false
+    const auto largest = at::vec::maximum(k.abs(), c_entropy.abs());
+    return (largest <= Vectorized<acc_t>(static_cast<acc_t>(kFactoredMax))).zero_mask() == 0;
+  }
+  return false;
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // The 2W bfloat16 values at x as two float vectors, even-indexed values in
 // the first and odd-indexed ones in the second. A bfloat16 is the top half of
@@ -241,9 +264,14 @@ inline __m256i bf16_rounded_high(const Vectorized<float>& v) {
   const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7fff));
   return _mm256_or_si256(rounded, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
-#endif
 
-#if defined(CPU_CAPABILITY_AVX2)
+// Each lane of `low` and `high` rounded to nearest even, the two bfloat16 in
+// one 32-bit lane: `low`'s in the low half (first in memory).
+inline __m256i bf16_merge_rounded(const Vectorized<float>& low, const Vectorized<float>& high) {
+  const __m256i low_words = _mm256_srli_epi32(bf16_rounded_high(low), 16);
+  return _mm256_or_si256(low_words, _mm256_and_si256(bf16_rounded_high(high), _mm256_set1_epi32(~0xFFFF)));
+}
+
 // W bfloat16 values at x as one float vector, in order.
 inline Vectorized<float> load_bf16_in_order(const at::BFloat16* x) {
   const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
@@ -290,9 +318,8 @@ inline void half_pair_store(
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (kBf16EvenOddRounding<scalar_t>) {
-    const __m256i even = _mm256_srli_epi32(bf16_rounded_high(first), 16);
-    const __m256i odd = _mm256_and_si256(bf16_rounded_high(second), _mm256_set1_epi32(~0xFFFF));
-    Vectorized<scalar_t>(_mm256_or_si256(even, odd)).store(dst, count);
+    // an even logit's bfloat16 from `first`, the odd one after it from `second`
+    Vectorized<scalar_t>(bf16_merge_rounded(first, second)).store(dst, count);
     return;
   }
 #endif
