@@ -408,7 +408,7 @@ bool short_rows(const RowInputs& in) {
 // tiles win for every row shorter than the per-row loop's step, one logit
 // vector (AVX2 on Zen 1, one thread: float32 at N = 5 24 against 36 ns a row,
 // bfloat16 at N = 8 38 against 50). bfloat16 tiles with AVX2 move in and out
-// by vector transposes (pg_cpu_bf16_tile.h) and also win on rows with a
+// by vector transposes (pg_cpu_tile_transpose.h) and also win on rows with a
 // ragged end, up to N = 28 (N = 18: 49 against 63 ns a row, N = 28: 68
 // against 72); at N = 16, one whole chunk, and from N = 30 the per-row loop
 // is faster (41 against 43 at N = 16, 70 against 73 at N = 32).

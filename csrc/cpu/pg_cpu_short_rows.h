@@ -7,7 +7,7 @@
 // Lanes never mix: a row's result depends on its own logits only, and tiles
 // start at multiples of W, so results do not depend on the thread count.
 // Include only from pg_cpu_kernel_impl.h.
-#include "pg_cpu_bf16_tile.h"
+#include "pg_cpu_tile_transpose.h"
 #include "pg_cpu_rows.h"
 #include "pg_cpu_vec.h"
 
@@ -45,6 +45,11 @@ inline void load_tile(const LogitRows<scalar_t>& x, int64_t r0, int64_t live, ac
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (x.n >= 8) {
       load_bf16_tile(x, r0, live, tile);
+      return;
+    }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (x.n >= 8) {
+      load_float_tile(x, r0, live, tile);
       return;
     }
   }
@@ -222,7 +227,7 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
         bool stored = false;
 #if defined(CPU_CAPABILITY_AVX2)
         if constexpr (kBf16EvenOddRounding<scalar_t>) {
-          static_assert(W == kBf16TileRows);
+          static_assert(W == kTileRows);
           if (n >= 8 && all_factorable(vk, vce)) {
             // Columns in pairs, their exponentials in turn (vexp_pair), in
             // backward_typed's factored form, rounded into one word per
