@@ -98,14 +98,15 @@ def test_nan_in_a_block_with_no_finite_logit():
         assert torch.isfinite(value[3]), (name, value)
 
 
-@pytest.mark.parametrize("n", [8, 9, 18, 23, 28, 40, 1000, 4133])
+@pytest.mark.parametrize("n", [8, 9, 11, 13, 18, 22, 23, 28, 40, 1000, 4133])
 def test_bfloat16_gradient_is_the_float32_gradient_rounded(n):
     """Given the same row statistics, the bfloat16 backward computes in float32
     exactly as the float32 one does and rounds once, to nearest even: whatever
     the conversion (at::vec's, the AVX512_BF16 instructions with their
     interleaved lane order, or the AVX2 tiles' transposes of column pairs),
     with the action at every position of a vector pair, masked logits and a
-    NaN row; 70 rows, so that the last tile is partial."""
+    NaN row; 70 rows, so that the last tile is partial. N = 8 to 28 end the
+    tiles' transposed blocks of 8 columns with every width from 1 to 8."""
     rows = 70
     g = torch.Generator().manual_seed(n)
     logit = (3 * torch.randn(rows, n, generator=g)).bfloat16()
