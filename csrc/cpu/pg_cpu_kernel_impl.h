@@ -385,9 +385,9 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             });
       };
       if (factored) {
-        with_grad([&](const V& p, const V& tv) { return p * at::vec::fnmadd(vce, tv, vk); });
+        with_grad([&](const V& p, const V& tv) { return grad_of_exp_factored(p, tv, vk, vce); });
       } else {
-        with_grad([&](const V& p, const V& tv) { return at::vec::fnmadd(vce, p * tv, p * vk); });
+        with_grad([&](const V& p, const V& tv) { return grad_of_exp(p, tv, vk, vce); });
       }
     }
     if (stream) {

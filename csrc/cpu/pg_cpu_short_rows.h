@@ -42,6 +42,9 @@ template <typename scalar_t, typename acc_t>
 inline void load_tile(const LogitRows<scalar_t>& x, int64_t r0, int64_t live, acc_t* tile) {
   constexpr int64_t W = Vectorized<acc_t>::size();
 #if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, float>) {
+    static_assert(W == kTileRows);
+  }
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (x.n >= 8) {
       load_bf16_tile(x, r0, live, tile);
@@ -215,8 +218,7 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
       const auto column = [&](int64_t j) {
         const V tv = shifted(V::loadu(tile + j * W), vlse);
         const V p = vexp(tv);
-        const V g = at::vec::fnmadd(vce, p * tv, p * vk);
-        return g - V::loadu(one_hot + j * W);
+        return grad_of_exp(p, tv, vk, vce) - V::loadu(one_hot + j * W);
       };
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         for (int64_t j = 0; j < n; ++j) {
@@ -238,8 +240,8 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
               const V t0 = shifted(V::loadu(tile + j * W), vlse);
               const V t1 = shifted(V::loadu(tile + (j + 1) * W), vlse);
               const auto [p0, p1] = vexp_pair(t0, t1);
-              const V g0 = p0 * at::vec::fnmadd(vce, t0, vk) - V::loadu(one_hot + j * W);
-              const V g1 = p1 * at::vec::fnmadd(vce, t1, vk) - V::loadu(one_hot + (j + 1) * W);
+              const V g0 = grad_of_exp_factored(p0, t0, vk, vce) - V::loadu(one_hot + j * W);
+              const V g1 = grad_of_exp_factored(p1, t1, vk, vce) - V::loadu(one_hot + (j + 1) * W);
               const __m256i words = bf16_merge_rounded(g0, g1);
               _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + (j / 2) * W), words);
             }

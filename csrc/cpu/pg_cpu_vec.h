@@ -159,6 +159,24 @@ inline bool factorable(const math::RowGradCoef<acc_t>& c) {
   return kVexpFloor<acc_t> && std::abs(c.k) <= kFactoredMax && std::abs(c.c_entropy) <= kFactoredMax;
 }
 
+// The gradient of logits from p = exp(t) (pg_math.h's grad_elem, without
+// the one-hot term): p * k - cE * (p * t), exactly 0 wherever p is.
+template <typename acc_t>
+inline Vectorized<acc_t> grad_of_exp(
+    const Vectorized<acc_t>& p, const Vectorized<acc_t>& t, const Vectorized<acc_t>& k,
+    const Vectorized<acc_t>& c_entropy) {
+  return at::vec::fnmadd(c_entropy, p * t, p * k);
+}
+
+// The same as p * (k - cE * t), one multiply fewer: only for factorable
+// rows, where k - cE * t stays finite.
+template <typename acc_t>
+inline Vectorized<acc_t> grad_of_exp_factored(
+    const Vectorized<acc_t>& p, const Vectorized<acc_t>& t, const Vectorized<acc_t>& k,
+    const Vectorized<acc_t>& c_entropy) {
+  return p * at::vec::fnmadd(c_entropy, t, k);
+}
+
 // factorable for W rows at once, their k and cE in lanes.
 template <typename acc_t>
 inline bool all_factorable(const Vectorized<acc_t>& k, const Vectorized<acc_t>& c_entropy) {
