@@ -62,13 +62,17 @@ C10_HOST_DEVICE inline RowStats<acc_t> empty_stats() {
 // and its term is skipped rather than formed as 0 * (-inf).
 template <typename acc_t>
 C10_HOST_DEVICE inline RowStats<acc_t> combine(RowStats<acc_t> a, RowStats<acc_t> b) {
+  // NaN in either part goes to the outputs. It is tested first: a part can
+  // hold it with m = -inf (a GPU lane whose first logit was NaN; a CPU block
+  // keeps it in m, which the max below would drop), and the empty case would
+  // then discard it.
+  if (a.m != a.m || a.s != a.s || b.m != b.m || b.s != b.s) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {nan, nan, nan};
+  }
   const acc_t m = a.m > b.m ? a.m : b.m;
   if (m == neg_inf<acc_t>()) {
     return empty_stats<acc_t>();
-  }
-  // NaN in either part: let it propagate to the outputs.
-  if (m != m) {
-    return {m, m, m};
   }
   const acc_t sa = exp_(a.m - m);
   const acc_t sb = exp_(b.m - m);
@@ -80,9 +84,10 @@ C10_HOST_DEVICE inline RowStats<acc_t> combine(RowStats<acc_t> a, RowStats<acc_t
   return r;
 }
 
-// Adds one logit to running statistics (the per-thread step of the GPU
-// kernels and the scalar tail of the CPU ones). One exp per element, plus one
-// when the max moves.
+// Adds one logit to running statistics: the per-thread step of the GPU
+// kernels (the CPU ones take a block's max first, then its sums). One exp per
+// element, plus one when the max moves. tests/test_math_host.py runs it on the
+// host, in the GPU's split of a row among threads.
 template <typename acc_t>
 C10_HOST_DEVICE inline void online_update(RowStats<acc_t>& st, acc_t x) {
   if (x == neg_inf<acc_t>()) {
@@ -92,12 +97,18 @@ C10_HOST_DEVICE inline void online_update(RowStats<acc_t>& st, acc_t x) {
     if (st.m != neg_inf<acc_t>()) {
       const acc_t d = st.m - x;
       const acc_t scale = exp_(d);
-      st.u = scale * (st.u + d * st.s);
+      // Logits masked with finfo.min make d * s overflow to -inf; their part
+      // weighs 0 and must not turn into 0 * (-inf) = NaN. (A NaN in s still
+      // reaches the outputs through s.)
+      st.u = scale == acc_t(0) ? acc_t(0) : scale * (st.u + d * st.s);
       st.s *= scale;
     }
     st.m = x;
   }
-  const acc_t d = x - st.m;
+  // x - m overflows to -inf for a finfo.min logit below a max above about
+  // 1e31; exp of the clamped value is 0 just the same, and 0 * d stays 0.
+  acc_t d = x - st.m;
+  d = d < lowest<acc_t>() ? lowest<acc_t>() : d;
   const acc_t e = exp_(d);
   st.s += e;
   st.u += e * d;

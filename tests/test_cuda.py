@@ -180,6 +180,37 @@ def test_gpu_matches_cpu_kernel():
 
 
 @needs_gpu
+@pytest.mark.parametrize("n", [6, 8, 40, 3001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_gpu_nan_and_lowest_value_masks_match_cpu(n, dtype):
+    """A NaN at every position of a row (rows start at every offset from a
+    16-byte boundary, so the NaN meets every thread split), and logits masked
+    with finfo.min: NaN exactly where the CPU has it, the CPU's values
+    elsewhere. tests/test_math_host.py replays these cases on the host."""
+    g = torch.Generator().manual_seed(n)
+    rows = n + 4
+    padded = torch.randn(rows, n + 1, generator=g).to(dtype)
+    logit = padded[:, 1:]
+    logit[torch.arange(n), torch.arange(n)] = float("nan")
+    lowest = torch.finfo(dtype).min
+    logit[n:][torch.rand(4, n, generator=g) < 0.4] = lowest
+    logit[n, : n // 2] = lowest
+    action = torch.randint(0, n, (rows,), generator=g)
+    logit[n:, :][torch.arange(4), action[n:]] = 0.5  # never a masked action
+    return_ = torch.randn(rows, generator=g).to(dtype)
+    results = []
+    for device in ("cpu", "cuda"):
+        x = padded.to(device)[:, 1:].detach().requires_grad_()  # a fresh leaf, rows as strided as logit's
+        got = pgext.pg_error((x, action.to(device), return_.to(device)), reduction="none")
+        (got.policy_loss.sum() + got.entropy_loss.sum()).backward()
+        results.append([t.detach().cpu().double() for t in (got.policy_loss, got.entropy_loss, x.grad)])
+    for name, cpu, gpu in zip(("policy", "entropy", "grad"), *results):
+        assert torch.equal(cpu.isnan(), gpu.isnan()), name
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert_close(gpu.nan_to_num(0.0), cpu.nan_to_num(0.0), rtol=tol, atol=tol)
+
+
+@needs_gpu
 def test_gpu_llm_vocabulary_bf16_against_float32():
     """bf16 logits (8192, 151936) against the notebook's math in float32 on the same (rounded) logits."""
     rows, N = 8192, 151936

@@ -80,6 +80,25 @@ def test_degenerate_rows_stay_in_their_lane(n, dtype):
     assert torch.equal(got.entropy_loss[~bad], ref.entropy_loss)
 
 
+@pytest.mark.parametrize("n", [5, 18, 40, 1000, 5000])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_masking_with_the_lowest_finite_value(n, dtype):
+    """masked_fill(mask, finfo.min) masks exactly as -inf does: those logits
+    weigh 0 and get a gradient of exactly 0, the entropy stays finite. (The
+    float64 reference is no yardstick here: its gradient is NaN.)"""
+    inp = make_inputs((24,), n, dtype, seed=n, mask=0.3, weight=True)
+    masked = inp.logit == -math.inf
+    results = []
+    for fill in (-math.inf, torch.finfo(dtype).min):
+        logit = inp.logit.detach().masked_fill(masked, fill).requires_grad_()
+        got = pgext.pg_error((logit, inp.action, inp.return_), weight=inp.weight, reduction="none")
+        (got.policy_loss.sum() + got.entropy_loss.sum()).backward()
+        results.append((got.policy_loss, got.entropy_loss, logit.grad))
+    assert torch.isfinite(results[1][1]).all() and (results[1][2][masked] == 0).all()
+    for with_inf, with_lowest in zip(*results):
+        assert torch.equal(with_inf, with_lowest)
+
+
 def test_nan_in_a_block_with_no_finite_logit():
     """The block maximum may drop a NaN (the sums carry it); a block of -inf
     and NaN has no sums, so it must find the NaN itself."""
@@ -96,6 +115,26 @@ def test_nan_in_a_block_with_no_finite_logit():
     for name, value in (("policy", got.policy_loss), ("entropy", got.entropy_loss)):
         assert torch.isnan(value[:3]).all(), (name, value)
         assert torch.isfinite(value[3]), (name, value)
+
+
+@pytest.mark.parametrize("rows", [2, 64])  # blocks of few rows are merged after a parallel pass
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_nan_block_merged_with_a_masked_block(rows, dtype):
+    """A block of NaN and -inf, then a fully masked block, then ordinary
+    logits: the merge of the first two must keep the NaN (it used to take
+    them for an empty part and give a finite loss). Odd rows are healthy."""
+    n = 3 * 4096 + 5
+    logit = torch.randn(rows, n, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    logit[0::2, :4096] = -math.inf
+    logit[0::2, 17] = math.nan
+    logit[0::2, 4096:8192] = -math.inf
+    logit.requires_grad_()
+    action = torch.full((rows,), n - 1)
+    got = pgext.pg_error((logit, action, torch.ones(rows, dtype=dtype)), reduction="none")
+    (got.policy_loss.sum() + got.entropy_loss.sum()).backward()
+    for name, value in (("policy", got.policy_loss), ("entropy", got.entropy_loss)):
+        assert torch.isnan(value[0::2]).all() and torch.isfinite(value[1::2]).all(), (name, value)
+    assert torch.isnan(logit.grad[0::2]).all() and torch.isfinite(logit.grad[1::2]).all()
 
 
 @pytest.mark.parametrize("n", [8, 9, 11, 13, 18, 22, 23, 28, 40, 1000, 4133])
