@@ -188,7 +188,14 @@ class build_ext(BuildExtension):
         if ext.name == MODULE:
             library_dir = os.path.dirname(self.get_ext_fullpath(LIBRARY))
             ext.library_dirs = [library_dir, *ext.library_dirs]
-        super().build_extension(ext)
+        # setuptools links the objects of its sorted sources; restore the
+        # order that keeps AVX2 code out of the portable kernels.
+        link = self.compiler.link_shared_object
+        self.compiler.link_shared_object = lambda objects, *a, **k: link(config.isa_specific_last(objects), *a, **k)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.link_shared_object = link
 
     def run(self):
         build_py = self.get_finalized_command("build_py")

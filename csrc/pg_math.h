@@ -14,6 +14,14 @@
 
 namespace pgext {
 namespace math {
+// The CPU kernel files include this header once per instruction set. The
+// linker keeps one copy of each inline function that is not inlined
+// everywhere, possibly the AVX2 one, which the portable kernels would then
+// call: an illegal instruction on a CPU without AVX2. So in those files the
+// functions get a namespace of their own (inline: callers still write math::).
+#if defined(CPU_CAPABILITY)
+inline namespace CPU_CAPABILITY {
+#endif
 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t exp_(acc_t x) {
@@ -170,5 +178,8 @@ C10_HOST_DEVICE inline acc_t grad_elem(acc_t x, acc_t lse, RowGradCoef<acc_t> c)
   return p * c.k - c.c_entropy * (p * t);
 }
 
+#if defined(CPU_CAPABILITY)
+}  // namespace CPU_CAPABILITY
+#endif
 }  // namespace math
 }  // namespace pgext

@@ -66,19 +66,30 @@ def version() -> str:
 
 
 def _isa_specific(path: Path) -> bool:
-    return path.name.startswith("kernel_") and path.name != "kernel_default.cpp"
+    """A kernel source or object built for AVX2 / AVX-512 (kernel_avx2.cpp, kernel_avx2.o)."""
+    return path.stem.startswith("kernel_") and path.stem != "kernel_default"
+
+
+def isa_specific_last(paths: List[str]) -> List[str]:
+    """paths in their order, the AVX2 / AVX-512 kernel files moved to the end.
+
+    An inline function that several objects instantiate (a c10 or std template,
+    say) is linked once, from the first object that has it. That copy must be
+    a portable one, not one compiled for AVX2, which the portable kernels
+    would call. Among themselves they stay in name order (avx2, avx512,
+    avx512_bf16), so the copy kept never needs more than its callers' build.
+    setup.py links its objects in this order: setuptools sorts the sources,
+    which puts kernel_avx2 before kernel_default.
+    """
+    return sorted(paths, key=lambda p: _isa_specific(Path(p)))
 
 
 def cpu_sources() -> List[str]:
-    """The C++ sources of libpgext (every one but the pybind11 module).
-
-    The AVX2 / AVX-512 kernel files come last: an inline function that several
-    files instantiate is linked once, from the first object that has it, and
-    that copy must be the portable one, not one compiled for AVX-512.
-    """
+    """The C++ sources of libpgext (every one but the pybind11 module), the
+    AVX2 / AVX-512 kernel files last (see isa_specific_last)."""
     files = [f for f in sorted(CSRC.glob("*.cpp")) if f != PYTHON_MODULE_SOURCE]
-    files += sorted((CSRC / "cpu").glob("*.cpp"), key=lambda f: (_isa_specific(f), f.name))
-    return [str(f) for f in files]
+    files += sorted((CSRC / "cpu").glob("*.cpp"))
+    return isa_specific_last([str(f) for f in files])
 
 
 def module_sources() -> List[str]:

@@ -56,7 +56,7 @@ def load(verbose: bool = False, build_directory: Optional[str] = None) -> Module
     # that its op registrations run before the module below is imported.
     library = cpp_extension.load(
         name="pgext_jit_lib",
-        sources=config.cpu_sources() + (config.cuda_sources() if with_cuda else []),
+        sources=config.isa_specific_last(config.cpu_sources() + (config.cuda_sources() if with_cuda else [])),
         extra_cflags=config.CXX_FLAGS + define + ["-DPGEXT_BUILDING_LIBRARY"],
         extra_cuda_cflags=config.NVCC_FLAGS + define + ["-DPGEXT_BUILDING_LIBRARY"],
         extra_ldflags=["-Wl,--as-needed", *config.LINK_FLAGS],

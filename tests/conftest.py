@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 import sys
 from typing import NamedTuple, Optional
 
@@ -366,3 +367,55 @@ def subprocess_env(**extra) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+# --------------------------------------------------------------------------- machine code
+AVX_NAMESPACE = re.compile(r"\bAVX(?:2|512\w*)::")
+
+
+def _uses_vex(mnemonic: str, operands: str) -> bool:
+    """AVX / AVX-512 instructions: VEX- and EVEX-encoded ones are the v-prefixed mnemonics."""
+    return (mnemonic.startswith("v") and mnemonic not in ("verr", "verw")) or "%ymm" in operands or "%zmm" in operands
+
+
+def portable_code_reaching_avx(library) -> list:
+    """Where code built for any x86-64 CPU would run AVX instructions in `library`.
+
+    Reads `objdump -d`: a function of a kernel build for AVX2 / AVX-512 is in
+    an AVX2 / AVX512 namespace (pgext's kernels, at::vec, their template
+    instances). Reported: portable-build kernel functions (namespace DEFAULT)
+    with AVX instructions, and direct calls from a function with neither such
+    a namespace nor AVX instructions to one that has AVX instructions but no
+    such namespace: an inline function whose one linked copy came from an AVX
+    build. Returns "caller -> callee" strings (empty when clean).
+    """
+    import subprocess
+
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)], capture_output=True,
+                          text=True, check=True).stdout
+    header = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+    insn = re.compile(r"^\s+[0-9a-f]+:\s+(\S+)\s*(.*)$")
+    target = re.compile(r"<(.*?)(?:@plt)?>$")
+    functions, current = {}, None
+    for line in text.splitlines():
+        m = header.match(line)
+        if m:
+            current = functions.setdefault(m.group(1), {"avx": False, "calls": set()})
+            continue
+        m = insn.match(line) if current is not None else None
+        if m is None:
+            continue
+        mnemonic, operands = m.groups()
+        current["avx"] |= _uses_vex(mnemonic, operands)
+        if mnemonic.startswith(("call", "jmp")):
+            t = target.search(operands)
+            if t:
+                current["calls"].add(t.group(1))
+    assert any("::DEFAULT::" in name for name in functions), f"no portable kernel in {library}"
+    found = [f"{name} uses AVX" for name, f in functions.items() if "::DEFAULT::" in name and f["avx"]]
+    for name, f in functions.items():
+        if f["avx"] or AVX_NAMESPACE.search(name):
+            continue
+        found += [f"{name} -> {callee}" for callee in sorted(f["calls"])
+                  if callee in functions and functions[callee]["avx"] and not AVX_NAMESPACE.search(callee)]
+    return sorted(found)

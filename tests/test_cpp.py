@@ -29,7 +29,7 @@ import torch
 
 import pgext
 from pgext import _build_config
-from conftest import ROOT, make_inputs, subprocess_env
+from conftest import ROOT, make_inputs, portable_code_reaching_avx, subprocess_env
 
 BUILD = ROOT / "build"
 CMAKE = shutil.which("cmake")
@@ -487,6 +487,16 @@ def test_pip_and_cmake_packages_agree(pip_site, standalone_prefix):
     assert f"[{this}] compatible=TRUE" in answers["pip"]
     assert f"[{pgext.__version__}] compatible=TRUE exact=TRUE" in answers["pip"]
     assert f"[{nxt}] compatible=FALSE" in answers["pip"]
+
+
+@pytest.mark.slow
+@needs_cmake
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_cmake_and_pip_builds_keep_avx_out_of_portable_code(pip_site, standalone_prefix):
+    """Both builds link the portable objects first (see test_dispatch.py's
+    test_portable_code_never_reaches_avx_instructions for the in-place one)."""
+    for library in (pip_site / "pgext" / "lib" / "libpgext.so", next((standalone_prefix / "lib").glob("libpgext.so.*"))):
+        assert portable_code_reaching_avx(library) == [], library
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from conftest import (
     evaluate,
     make_inputs,
     pgext_fn,
+    portable_code_reaching_avx,
     subprocess_env,
 )
 
@@ -324,6 +325,43 @@ def test_same_capability_subprocess_is_bitwise_identical(tmp_path):
             assert torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
 
 
+@pytest.mark.parametrize("capability", ["default", "native"])
+def test_deterministic_across_thread_counts_in_every_kernel_build(tmp_path, capability):
+    """1 and 2 threads give the same bits in the portable kernel build too.
+    With 2 threads, these few long rows are split across threads and their
+    blocks merged by math::combine out of line; the portable build once called
+    the AVX2 build's copy of it (FMA: other bits, and no run at all on a CPU
+    without AVX2)."""
+    x = torch.randn(7, 12289, generator=torch.Generator().manual_seed(1)) * 3
+    inputs = _fixed_inputs() + [(x, torch.zeros(7, dtype=torch.long), torch.ones(7), None, "none")]
+    env = {} if capability == "native" else {"ATEN_CPU_CAPABILITY": "default"}
+    out = {}
+    for threads in (1, 2):
+        (tmp_path / str(threads)).mkdir()
+        out[threads] = _run_child(tmp_path / str(threads), inputs, OMP_NUM_THREADS=threads, **env)
+    assert out[1]["pgext_cap"] == out[2]["pgext_cap"]
+    assert capability == "native" or out[1]["pgext_cap"] == "DEFAULT"
+    for i, (a, b) in enumerate(zip(out[1]["out"], out[2]["out"])):
+        for name, x1, x2 in zip(("policy", "entropy", "grad"), a, b):
+            assert torch.equal(x1, x2), f"input {i}: {name} differs between 1 and 2 threads"
+
+
+def _loaded_libpgext():
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "pgext" in line.split()[-1] and ".so" in line}
+    library = [p for p in paths if "pgext_jit_lib" in p or pathlib.Path(p).name == "libpgext.so"]
+    assert len(library) == 1, paths
+    return library[0]
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_portable_code_never_reaches_avx_instructions():
+    """Every inline function several kernel builds instantiate is linked once;
+    the copy the portable code calls must not be an AVX2 / AVX-512 build
+    (pg_math.h's namespace per build; portable objects linked first)."""
+    assert portable_code_reaching_avx(_loaded_libpgext()) == []
+
+
 def _needed(path):
     out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
@@ -343,6 +381,8 @@ def test_jit_build_matches_installed(tmp_path, request):
     if shutil.which("readelf"):
         assert library.name in _needed(module)
         assert not [n for n in _needed(library) if "python" in n], _needed(library)
+    if shutil.which("objdump"):
+        assert portable_code_reaching_avx(library) == []
     assert child["pgext_cap"] == pgext._C.cpu_capability()
     for i, (a, b) in enumerate(zip(_in_process(inputs), child["out"])):
         for name, x, y in zip(("policy", "entropy", "grad"), a, b):
