@@ -130,6 +130,18 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     torch::autograd::set_history(policy, node);
     torch::autograd::set_history(entropy, node);
   }
+  // Forward mode: level 0, as in PyTorch's generated derivatives, which also
+  // compute tangents from the primals (a tangent must not carry one itself).
+  const at::Tensor d_logit = logit._fw_grad(0);
+  const at::Tensor d_ret = ret._fw_grad(0);
+  const at::Tensor d_weight = w.defined() ? w._fw_grad(0) : at::Tensor();
+  if (d_logit.defined() || d_ret.defined() || d_weight.defined()) {
+    const auto tangents = pg_error_tangents_composite(
+        logit._fw_primal(0), action, ret._fw_primal(0), w.defined() ? w._fw_primal(0) : w,
+        parse_reduction(reduction), policy.scalar_type(), d_logit, d_ret, d_weight);
+    policy._set_fw_grad(tangents.policy, /*level=*/0, /*is_inplace_op=*/false);
+    entropy._set_fw_grad(tangents.entropy, /*level=*/0, /*is_inplace_op=*/false);
+  }
   return {policy, entropy};
 }
 

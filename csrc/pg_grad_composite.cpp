@@ -4,6 +4,32 @@
 
 namespace pgext {
 
+namespace {
+
+// Per-row log-probabilities and entropy of the logits, in the accumulation type.
+struct RowTerms {
+  at::Tensor p;          // (..., N)
+  at::Tensor logp_safe;  // log p, 0 where p = 0
+  at::Tensor entropy;    // (...)
+  at::Tensor logp_action;
+  at::Tensor index;  // action as int64, (..., 1)
+};
+
+RowTerms row_terms(const at::Tensor& x, const at::Tensor& action) {
+  RowTerms t;
+  const at::Tensor logp = at::log_softmax(x, -1);
+  t.p = logp.exp();
+  // Masked classes (p = 0, logp = -inf) add nothing to the entropy; `where`
+  // keeps them out of p * logp, whose value and derivative would be NaN.
+  t.logp_safe = at::where(t.p > 0, logp, at::zeros({}, logp.options()));
+  t.entropy = -(t.p * t.logp_safe).sum(-1);
+  t.index = action.to(at::kLong).unsqueeze(-1);
+  t.logp_action = logp.gather(-1, t.index).squeeze(-1);
+  return t;
+}
+
+}  // namespace
+
 PgGrads pg_error_grads_composite(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,
@@ -17,14 +43,7 @@ PgGrads pg_error_grads_composite(
     bool need_weight) {
   const auto acc = acc_type(logit.scalar_type());
   const at::Tensor x = logit.to(acc);
-  const at::Tensor logp = at::log_softmax(x, -1);
-  const at::Tensor p = logp.exp();
-  // Masked classes (p = 0, logp = -inf) add nothing to the entropy; `where`
-  // keeps them out of p * logp, whose value and derivative would be NaN.
-  const at::Tensor logp_safe = at::where(p > 0, logp, at::zeros({}, logp.options()));
-  const at::Tensor entropy = -(p * logp_safe).sum(-1);
-  const at::Tensor index = action.to(at::kLong).unsqueeze(-1);
-  const at::Tensor logp_action = logp.gather(-1, index).squeeze(-1);
+  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(x, action);
 
   const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
   const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
@@ -46,6 +65,45 @@ PgGrads pg_error_grads_composite(
     out.weight = (-g_pol * r * logp_action + g_ent * entropy).to(weight.scalar_type());
   }
   return out;
+}
+
+PgTangents pg_error_tangents_composite(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& weight,
+    Reduction reduction,
+    at::ScalarType loss_dtype,
+    const at::Tensor& d_logit,
+    const at::Tensor& d_ret,
+    const at::Tensor& d_weight) {
+  const auto acc = acc_type(logit.scalar_type());
+  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(logit.to(acc), action);
+  const at::Tensor r = ret.to(acc);
+  const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, p.options());
+  // policy = -w r log p_a and entropy = w H, per sample, with
+  //   d log p_a = dx_a - sum_j p_j dx_j,   dH = -sum_j p_j (log p_j + H) dx_j.
+  at::Tensor d_policy = at::zeros_like(entropy);
+  at::Tensor d_entropy = at::zeros_like(entropy);
+  if (d_logit.defined()) {
+    const at::Tensor dx = d_logit.to(acc);
+    const at::Tensor d_logp_action = dx.gather(-1, index).squeeze(-1) - (p * dx).sum(-1);
+    const at::Tensor d_h = -(p * (logp_safe + entropy.unsqueeze(-1)) * dx).sum(-1);
+    d_policy = d_policy - w * r * d_logp_action;
+    d_entropy = d_entropy + w * d_h;
+  }
+  if (d_ret.defined()) {
+    d_policy = d_policy - w * d_ret.to(acc) * logp_action;
+  }
+  if (d_weight.defined()) {
+    const at::Tensor dw = d_weight.to(acc);
+    d_policy = d_policy - dw * r * logp_action;
+    d_entropy = d_entropy + dw * entropy;
+  }
+  const auto reduce = [&](const at::Tensor& t) {
+    return (reduction == Reduction::None ? t : scale_for_reduction(t.sum(), reduction, action)).to(loss_dtype);
+  };
+  return {reduce(d_policy), reduce(d_entropy)};
 }
 
 }  // namespace pgext

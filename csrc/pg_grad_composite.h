@@ -1,7 +1,7 @@
 #pragma once
-// pg_error's backward written with differentiable ATen ops, for
-// create_graph=True (second-order gradients, e.g. MAML-style meta-RL). The
-// fused backward kernel is not itself differentiable; this is.
+// pg_error's derivatives written with differentiable ATen ops: the backward
+// for create_graph=True (second-order gradients, e.g. MAML-style meta-RL; the
+// fused backward kernel is not itself differentiable), and forward mode.
 #include "pg_checks.h"
 
 namespace pgext {
@@ -25,5 +25,25 @@ PgGrads pg_error_grads_composite(
     bool need_logit,
     bool need_ret,
     bool need_weight);
+
+struct PgTangents {
+  at::Tensor policy;
+  at::Tensor entropy;
+};
+
+// Forward mode (torch.func.jvp and jacfwd, torch.autograd.forward_ad): the
+// tangents of the two losses given tangents of logit, return_ and weight
+// (each may be undefined: no tangent). Differentiable ATen ops as above, in
+// the losses' dtype.
+PgTangents pg_error_tangents_composite(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& weight,
+    Reduction reduction,
+    at::ScalarType loss_dtype,
+    const at::Tensor& d_logit,
+    const at::Tensor& d_ret,
+    const at::Tensor& d_weight);
 
 }  // namespace pgext

@@ -13,8 +13,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/headeronly/version.h>
 
-#include <cstring>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace {
@@ -24,13 +24,16 @@ bool reduction_of(PyObject* name, pgext::Reduction& out) {
   if (!PyUnicode_Check(name)) {
     return false;
   }
-  const char* s = PyUnicode_AsUTF8(name);
+  Py_ssize_t size = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(name, &size);
   if (s == nullptr) {
     PyErr_Clear();
     return false;
   }
+  // The whole string: "mean\0x" is not 'mean' (torch.ops rejects it).
+  const std::string_view text(s, static_cast<size_t>(size));
   for (auto r : {pgext::Reduction::Mean, pgext::Reduction::Sum, pgext::Reduction::None}) {
-    if (std::strcmp(s, pgext::reduction_name(r)) == 0) {
+    if (text == pgext::reduction_name(r)) {
       out = r;
       return true;
     }

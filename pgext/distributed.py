@@ -109,8 +109,8 @@ def _vocab_start(vocab_start, rank: int, logit: torch.Tensor) -> int:
         value = operator.index(vocab_start)
     except TypeError:
         raise TypeError(f"pg_error: vocab_start must be an int, got {type(vocab_start).__name__}") from None
-    if value < 0:
-        raise ValueError(f"pg_error: vocab_start must be >= 0, got {value}")
+    if not 0 <= value < 2**63:  # it travels to the other ranks as an int64
+        raise ValueError(f"pg_error: vocab_start must be in [0, 2**63), got {value}")
     return value
 
 

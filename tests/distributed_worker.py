@@ -170,6 +170,8 @@ def _error_cases(rank: int, world: int):
         "reduction_differs": call(reduction="sum" if last else "mean"),
         "bad_reduction": call(reduction="avg"),
         "negative_vocab_start": call(vocab_start=-1 if rank == 0 else starts[rank]),
+        # too big for the int64 header: rejected before the all-gather too, the group stays in step
+        "huge_vocab_start": call(vocab_start=2**63 if last else starts[rank]),
     }
 
 

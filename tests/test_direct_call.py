@@ -139,6 +139,10 @@ def test_direct_call_declines_what_it_does_not_handle():
     direct = pgext._C.pg_error
     assert direct(pg_loss, (logit, action, ret), None, "bogus") is None
     assert direct(pg_loss, (logit, action, ret), None, b"mean") is None
+    for near in ("mean\x00x", "mean\x00", "Mean", "mean "):  # the whole string must match
+        assert direct(pg_loss, (logit, action, ret), None, near) is None
+        with pytest.raises(ValueError, match="reduction must be"):
+            pgext.pg_error((logit, action, ret), reduction=near)
     assert direct(pg_loss, [logit, action, ret], None, "mean") is None
     assert direct(pg_loss, (logit, action), None, "mean") is None
     assert direct(pg_loss, (logit, action, 1.0), None, "mean") is None

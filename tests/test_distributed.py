@@ -157,7 +157,9 @@ ERRORS = {
     "bad_reduction": _everywhere("ValueError", r"reduction must be 'mean', 'sum' or 'none', got 'avg'"),
     "local_shape_error": _one_rank(lambda w: w - 1, "ValueError", r"return_ must have the shape of action \[6\]"),
     "local_type_error": _one_rank(lambda w: w - 1, "TypeError", r"logit must be a torch.Tensor, got str"),
-    "negative_vocab_start": _one_rank(lambda w: 0, "ValueError", r"vocab_start must be >= 0, got -1"),
+    "negative_vocab_start": _one_rank(lambda w: 0, "ValueError", r"vocab_start must be in \[0, 2\*\*63\), got -1"),
+    "huge_vocab_start": _one_rank(lambda w: w - 1, "ValueError",
+                                  r"vocab_start must be in \[0, 2\*\*63\), got 9223372036854775808"),
 }
 
 

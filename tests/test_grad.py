@@ -211,7 +211,8 @@ def test_gradcheck(reduction, weighted, lead):
     def f(logit, return_, weight=None):
         return tuple(pgext.pg_error((logit, inp.action, return_), weight=weight, reduction=reduction))
 
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # forward mode (jvp) too, against the same finite differences
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5, check_forward_ad=True)
 
 
 def test_gradcheck_masked():
@@ -222,7 +223,55 @@ def test_gradcheck_masked():
         return tuple(pgext.pg_error((logit, inp.action, return_), weight=weight, reduction="none"))
 
     args = [t.clone().requires_grad_() for t in (inp.logit, inp.return_, inp.weight)]
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5, check_forward_ad=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [((5,), 3), ((2, 3), 40), ((), 7), ((3,), 5000)], ids=shape_id)
+def test_forward_mode_matches_reference(shape, dtype, reduction):
+    """torch.func.jvp with tangents on logit, return_ and weight (masked
+    logits included): the tangents of both losses, in the losses' dtype."""
+    lead, N = shape
+    inp = make_inputs(lead, N, dtype, seed=115 + N, weight=True, mask=0.2 if N > 3 else False)
+    g = torch.Generator().manual_seed(N)
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+                for t in (inp.logit, inp.return_, inp.weight)]
+
+    def losses(impl, cast=None):
+        def f(logit, return_, weight):
+            if cast is not None:
+                logit, return_, weight = (t.to(cast) for t in (logit, return_, weight))
+            return tuple(impl((logit, inp.action, return_), weight=weight, reduction=reduction))
+        return f
+
+    primals = (inp.logit, inp.return_, inp.weight)
+    got_out, got = torch.func.jvp(losses(pgext.pg_error), primals, tuple(tangents))
+    _, want = torch.func.jvp(losses(pgext.reference.pg_error, torch.float64), primals, tuple(tangents))
+    for name, out, t, w in zip(("policy", "entropy"), got_out, got, want):
+        assert t.dtype == out.dtype and t.shape == out.shape, name
+        assert_close(t, w.to(t.dtype), scale=w.abs().max() + 1, tol_dtype=least_precise(dtype, t.dtype),
+                     what=f"{name} tangent")
+
+
+def test_forward_mode_transforms():
+    """jacfwd agrees with jacrev, and the Hessian (torch.func.hessian:
+    forward over reverse) with the reference's. Nested reverse-mode transforms
+    (jacrev(jacrev), jacrev(jacfwd)) raise: the fused forward kernel has no
+    derivative of its own; torch.autograd.grad(create_graph=True) serves."""
+    inp = make_inputs((3,), 6, torch.float64, seed=116, mask=0.2)
+
+    def policy(impl):
+        return lambda x: impl((x, inp.action, inp.return_))[0]
+
+    x = inp.logit
+    assert_close(torch.func.jacfwd(policy(pgext.pg_error))(x), torch.func.jacrev(policy(pgext.pg_error))(x))
+    want = torch.func.hessian(policy(pgext.reference.pg_error))(x)
+    assert_close(torch.func.hessian(policy(pgext.pg_error))(x), want, scale=want.abs().max())
+    for nested in (torch.func.jacrev(torch.func.jacrev(policy(pgext.pg_error))),
+                   torch.func.jacrev(torch.func.jacfwd(policy(pgext.pg_error)))):
+        with pytest.raises(RuntimeError, match="kernel op without gradients"):
+            nested(x)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
