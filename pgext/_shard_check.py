@@ -38,21 +38,40 @@ FIELDS = (
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_FOLD = (1 << 21) - 1
+_LOW21 = (1 << 21) - 1
+_LOW31 = (1 << 31) - 1
+
+
+def _fold31(v: torch.Tensor) -> torch.Tensor:
+    """int64 values (any) -> [0, 2**31): every bit counts. The upper bits are
+    scrambled first, so that they cannot cancel the lower ones (a sign
+    extension would otherwise map -2**31 to 0)."""
+    return (v & _LOW31) ^ _mix31(((v >> 31) & _LOW31) ^ ((v >> 62) & 3) << 29)
+
+
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    """A scrambling map of [0, 2**31) into itself: two multiplications by odd
+    constants, each followed by folding the high bits down. No intermediate
+    exceeds 2**53, so int64 never overflows."""
+    for c in (0x5BD1E995, 0x27D4EB2F):
+        x = (x & _LOW21) * c + (x >> 21) * (c >> 9 | 1)
+        x = (x ^ (x >> 29) ^ (x >> 47)) & _LOW31
+    return x
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     """An int64 digest of a tensor's values (its bits for floats), in flat
-    order. Integer arithmetic only: the same values give the same digest
-    whatever the thread count, and no value can overflow (each term is below
-    2**31, so up to 2**32 rows are safe)."""
+    order: the sum over elements of a scrambled mix of value and position, so
+    that a changed value, or two values swapped, changes it with probability
+    about 1 - 2**-31. Integer arithmetic only: the same values give the same
+    digest whatever the thread count or device, and the sum cannot overflow
+    (each term is below 2**31, so up to 2**32 elements are safe)."""
     t = t.detach().reshape(-1)
     if t.is_floating_point():
         t = t.view(_INT_VIEW[t.element_size()])
-    v = t.long()
-    v = (v ^ (v >> 21) ^ (v >> 42)) & _FOLD
-    coef = torch.arange(v.numel(), device=v.device) % 1021 + 1
-    return (v * coef).sum()
+    value = _mix31(_fold31(t.long()))
+    position = _mix31(_fold31(torch.arange(t.numel(), device=t.device)) ^ 0x2545F491)
+    return _mix31(value ^ position).sum()
 
 
 def build_header(

@@ -188,6 +188,39 @@ def test_process_group_failure_is_an_error_within_the_timeout(tmp_path):
     assert res["skipped"][1] >= timeout * 0.8  # it was the timeout that ended the wait
 
 
+def test_fingerprints_tell_values_and_their_order_apart():
+    """The cross-rank check compares action, return_ and weight by an int64
+    fingerprint: a changed value or two swapped values must change it (a
+    linear checksum with small coefficients missed swaps 1021 rows apart)."""
+    from pgext._shard_check import _fingerprint
+
+    assert _fingerprint(torch.tensor([3, 5, 1, 1])) != _fingerprint(torch.tensor([5, 4, 1, 1]))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 1000, (3000,), generator=g)
+    seen = {int(_fingerprint(base))}
+    for i in range(300):
+        changed = base.clone()
+        changed[i * 10] = (changed[i * 10] + 1 + i) % 1000
+        swapped = base.clone()
+        j, k = i, (i + 1 + 7 * i) % 3000
+        if swapped[j] == swapped[k]:
+            continue
+        swapped[j], swapped[k] = base[k], base[j]
+        for t in (changed, swapped):
+            digest = int(_fingerprint(t))
+            assert digest not in seen, (i, digest)
+            seen.add(digest)
+    swap_1021 = torch.arange(1100)
+    swap_1021[[0, 1021]] = swap_1021[[1021, 0]]
+    assert _fingerprint(swap_1021) != _fingerprint(torch.arange(1100))
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        x = torch.randn(7, 5, generator=g).to(dtype)
+        assert _fingerprint(x.t()) == _fingerprint(x.t().contiguous())  # values in flat order, not memory
+        assert _fingerprint(torch.zeros(3, dtype=dtype)) != _fingerprint(-torch.zeros(3, dtype=dtype))  # bits
+    big = torch.full((1 << 20,), -1, dtype=torch.long)  # every term near 2**31: the sum stays exact
+    assert 0 < int(_fingerprint(big)) < (1 << 20) * (1 << 31)
+
+
 # ---------------------------------------------------------------------- data parallel
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(spawned):
     ranks = spawned(2)
