@@ -104,6 +104,35 @@ variable_list PgErrorBackward::apply(variable_list&& grads) {
   return {grad_logit, at::Tensor(), grad_ret, grad_weight};
 }
 
+// Forward mode: the tangents of pg_error's outputs (the two losses, then the
+// per-sample lse and entropy where asked for) when an input carries one.
+// Level 0 as in PyTorch's generated derivatives, which also compute tangents
+// from the primals: a tangent must not carry one itself.
+void set_forward_tangents(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& w,
+    c10::string_view reduction,
+    std::initializer_list<at::Tensor*> outputs) {
+  const at::Tensor d_logit = logit._fw_grad(0);
+  const at::Tensor d_ret = ret._fw_grad(0);
+  const at::Tensor d_weight = w.defined() ? w._fw_grad(0) : at::Tensor();
+  if (!d_logit.defined() && !d_ret.defined() && !d_weight.defined()) {
+    return;
+  }
+  at::Tensor* const* out = outputs.begin();
+  const auto t = pg_error_tangents_composite(
+      logit._fw_primal(0), action, ret._fw_primal(0), w.defined() ? w._fw_primal(0) : w,
+      parse_reduction(reduction), out[0]->scalar_type(), d_logit, d_ret, d_weight);
+  const at::Tensor tangents[] = {t.policy, t.entropy, t.lse, t.row_entropy};
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (tangents[i].defined()) {
+      out[i]->_set_fw_grad(tangents[i], /*level=*/0, /*is_inplace_op=*/false);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     const at::Tensor& logit,
     const at::Tensor& action,
@@ -130,18 +159,7 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     torch::autograd::set_history(policy, node);
     torch::autograd::set_history(entropy, node);
   }
-  // Forward mode: level 0, as in PyTorch's generated derivatives, which also
-  // compute tangents from the primals (a tangent must not carry one itself).
-  const at::Tensor d_logit = logit._fw_grad(0);
-  const at::Tensor d_ret = ret._fw_grad(0);
-  const at::Tensor d_weight = w.defined() ? w._fw_grad(0) : at::Tensor();
-  if (d_logit.defined() || d_ret.defined() || d_weight.defined()) {
-    const auto tangents = pg_error_tangents_composite(
-        logit._fw_primal(0), action, ret._fw_primal(0), w.defined() ? w._fw_primal(0) : w,
-        parse_reduction(reduction), policy.scalar_type(), d_logit, d_ret, d_weight);
-    policy._set_fw_grad(tangents.policy, /*level=*/0, /*is_inplace_op=*/false);
-    entropy._set_fw_grad(tangents.entropy, /*level=*/0, /*is_inplace_op=*/false);
-  }
+  set_forward_tangents(logit, action, ret, w, reduction, {&policy, &entropy});
   return {policy, entropy};
 }
 
@@ -158,16 +176,25 @@ std::tuple<at::Tensor, at::Tensor> pg_error_no_grad(
 }
 
 // The kernel ops are not differentiable themselves: with grad mode on and an
-// input that requires grad, refuse rather than return a constant silently.
-void refuse_grad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
-  if (!at::GradMode::is_enabled()) {
-    return;
-  }
+// input that requires grad, or with a forward-mode tangent, refuse rather
+// than return a constant silently. (pg_error_forward alone has tangents:
+// nested torch.func transforms of pg_error reach it with theirs.)
+void refuse_grad(const char* op, std::initializer_list<const at::Tensor*> inputs, bool forward_mode = false) {
   for (const at::Tensor* t : inputs) {
+    if (!t->defined()) {
+      continue;
+    }
     TORCH_CHECK(
-        !(t->defined() && t->requires_grad()),
+        !(at::GradMode::is_enabled() && t->requires_grad()),
         "pgext::", op, " is a kernel op without gradients; call pgext::pg_error (pgext.pg_error in "
-        "Python) to differentiate pg_error");
+        "Python) to differentiate pg_error. Nested reverse-mode torch.func transforms of pg_error "
+        "(jacrev(jacrev(f))) are not supported: use torch.func.hessian or "
+        "torch.autograd.grad(create_graph=True)");
+    TORCH_CHECK(
+        forward_mode || !t->_fw_grad(0).defined(),
+        "pgext::", op, " is a kernel op without a forward-mode derivative; use pgext::pg_error "
+        "(pgext.pg_error in Python). Forward mode through pg_error's backward needs "
+        "create_graph=True, which torch.func transforms use");
   }
 }
 
@@ -178,9 +205,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_auto
     const std::optional<at::Tensor>& weight,
     c10::string_view reduction) {
   const at::Tensor w = weight.value_or(at::Tensor());
-  refuse_grad("pg_error_forward", {&logit, &ret, &w});
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return ops::pg_error_forward(logit, action, ret, weight, reduction);
+  refuse_grad("pg_error_forward", {&logit, &ret, &w}, /*forward_mode=*/true);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = ops::pg_error_forward(logit, action, ret, weight, reduction);
+  }
+  auto& [policy, entropy, lse, row_entropy] = out;
+  set_forward_tangents(logit, action, ret, w, reduction, {&policy, &entropy, &lse, &row_entropy});
+  return out;
 }
 
 at::Tensor pg_error_backward_autograd(

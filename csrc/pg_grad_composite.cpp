@@ -83,14 +83,16 @@ PgTangents pg_error_tangents_composite(
   const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, p.options());
   // policy = -w r log p_a and entropy = w H, per sample, with
   //   d log p_a = dx_a - sum_j p_j dx_j,   dH = -sum_j p_j (log p_j + H) dx_j.
+  PgTangents out;
   at::Tensor d_policy = at::zeros_like(entropy);
   at::Tensor d_entropy = at::zeros_like(entropy);
   if (d_logit.defined()) {
     const at::Tensor dx = d_logit.to(acc);
-    const at::Tensor d_logp_action = dx.gather(-1, index).squeeze(-1) - (p * dx).sum(-1);
-    const at::Tensor d_h = -(p * (logp_safe + entropy.unsqueeze(-1)) * dx).sum(-1);
+    out.lse = (p * dx).sum(-1);
+    out.row_entropy = -(p * (logp_safe + entropy.unsqueeze(-1)) * dx).sum(-1);
+    const at::Tensor d_logp_action = dx.gather(-1, index).squeeze(-1) - out.lse;
     d_policy = d_policy - w * r * d_logp_action;
-    d_entropy = d_entropy + w * d_h;
+    d_entropy = d_entropy + w * out.row_entropy;
   }
   if (d_ret.defined()) {
     d_policy = d_policy - w * d_ret.to(acc) * logp_action;
@@ -103,7 +105,9 @@ PgTangents pg_error_tangents_composite(
   const auto reduce = [&](const at::Tensor& t) {
     return (reduction == Reduction::None ? t : scale_for_reduction(t.sum(), reduction, action)).to(loss_dtype);
   };
-  return {reduce(d_policy), reduce(d_entropy)};
+  out.policy = reduce(d_policy);
+  out.entropy = reduce(d_entropy);
+  return out;
 }
 
 }  // namespace pgext

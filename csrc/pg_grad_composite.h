@@ -29,12 +29,15 @@ PgGrads pg_error_grads_composite(
 struct PgTangents {
   at::Tensor policy;
   at::Tensor entropy;
+  at::Tensor lse;          // per sample; undefined without a logit tangent
+  at::Tensor row_entropy;  // per sample; undefined without a logit tangent
 };
 
 // Forward mode (torch.func.jvp and jacfwd, torch.autograd.forward_ad): the
-// tangents of the two losses given tangents of logit, return_ and weight
-// (each may be undefined: no tangent). Differentiable ATen ops as above, in
-// the losses' dtype.
+// tangents of the two losses (in loss_dtype) and of the per-sample log-sum-exp
+// and entropy (in the accumulation type), given tangents of logit, return_
+// and weight (each may be undefined: no tangent). Differentiable ATen ops as
+// above.
 PgTangents pg_error_tangents_composite(
     const at::Tensor& logit,
     const at::Tensor& action,

@@ -254,6 +254,58 @@ def test_forward_mode_matches_reference(shape, dtype, reduction):
                      what=f"{name} tangent")
 
 
+def test_nested_forward_mode_matches_reference():
+    """Forward mode over pg_error's own forward mode, gradient, value or vjp
+    (the outer transform reaches the forward kernel op, which has tangents)."""
+    from torch.func import grad_and_value, jvp, vjp
+
+    inp = make_inputs((3,), 6, torch.float64, seed=117, mask=0.2)
+    g = torch.Generator().manual_seed(117)
+    t1, t2 = (torch.randn(inp.logit.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    results = []
+    for impl in (pgext.pg_error, pgext.reference.pg_error):
+        def f(x):
+            return impl((x, inp.action, inp.return_)).policy_loss
+        results.append(torch.stack([
+            jvp(lambda x: jvp(f, (x,), (t1,))[0], (inp.logit,), (t2,))[1],
+            jvp(lambda x: jvp(f, (x,), (t1,))[1], (inp.logit,), (t2,))[1],
+            jvp(lambda x: grad_and_value(f)(x)[1], (inp.logit,), (t2,))[1],
+            jvp(lambda x: vjp(f, x)[0], (inp.logit,), (t2,))[1],
+        ]))
+    assert results[0].abs().min() > 0
+    assert_close(results[0], results[1], scale=results[1].abs().max())
+
+
+def test_kernel_ops_forward_mode():
+    """pg_error_forward carries tangents for all four outputs; the other
+    kernel ops refuse a tangent rather than drop it."""
+    import torch.autograd.forward_ad as fwAD
+
+    inp = make_inputs((4,), 7, torch.float64, seed=118, mask=0.2)
+    tangent = torch.randn(inp.logit.shape, generator=torch.Generator().manual_seed(118), dtype=torch.float64)
+    ops = torch.ops.pgext
+
+    def entropy(x):
+        return torch.distributions.Categorical(logits=x).entropy()
+
+    want_lse = torch.func.jvp(lambda x: torch.logsumexp(x, -1), (inp.logit,), (tangent,))[1]
+    want_h = torch.func.jvp(entropy, (inp.logit,), (tangent,))[1]
+    with fwAD.dual_level():
+        x = fwAD.make_dual(inp.logit, tangent)
+        outputs = ops.pg_error_forward(x, inp.action, inp.return_, None, "none")
+        d_policy, d_entropy, d_lse, d_h = (fwAD.unpack_dual(o).tangent for o in outputs)
+        assert_close(d_lse, want_lse, scale=want_lse.abs().max())
+        assert_close(d_h, want_h, scale=want_h.abs().max())
+        assert_close(d_entropy, want_h)
+        assert d_policy.abs().max() > 0
+        lse, h = (fwAD.unpack_dual(o).primal for o in outputs[2:])
+        with pytest.raises(RuntimeError, match="without a forward-mode derivative"):
+            ops.pg_row_stats(x, inp.action, 0)
+        with pytest.raises(RuntimeError, match="without a forward-mode derivative"):
+            ops.pg_error_backward(torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), x,
+                                  inp.action, inp.return_, None, lse, h, "none")
+
+
 def test_forward_mode_transforms():
     """jacfwd agrees with jacrev, and the Hessian (torch.func.hessian:
     forward over reverse) with the reference's. Nested reverse-mode transforms
