@@ -59,15 +59,17 @@ def test_action_at_every_column_of_ragged_rows(n, dtype):
 @pytest.mark.parametrize("n", [5, 18, 40, 5000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 def test_degenerate_rows_stay_in_their_lane(n, dtype):
-    """A fully masked row and a NaN row give NaN for themselves only: tile
-    lanes (short rows) and rows (long ones) never leak into their neighbours."""
+    """A fully masked row, a NaN row and a row with a +inf logit give NaN for
+    themselves only: tile lanes (short rows) and rows (long ones) never leak
+    into their neighbours."""
     inp = make_inputs((20,), n, dtype, seed=3, mask=0.2, weight=True)
     logit = inp.logit.clone()
     logit[4] = -math.inf
     logit[9, n // 2] = math.nan
+    logit[14, n // 3] = math.inf
     got = pgext.pg_error((logit, inp.action, inp.return_), weight=inp.weight, reduction="none")
     bad = torch.zeros(20, dtype=torch.bool)
-    bad[4] = bad[9] = True
+    bad[4] = bad[9] = bad[14] = True
     for name, value in (("policy", got.policy_loss), ("entropy", got.entropy_loss)):
         assert torch.isnan(value[bad]).all(), (name, value)
     # the fully masked row has no distribution: its entropy is NaN (0 * log 0 over nothing)
