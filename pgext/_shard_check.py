@@ -46,7 +46,7 @@ def _fold31(v: torch.Tensor) -> torch.Tensor:
     """int64 values (any) -> [0, 2**31): every bit counts. The upper bits are
     scrambled first, so that they cannot cancel the lower ones (a sign
     extension would otherwise map -2**31 to 0)."""
-    return (v & _LOW31) ^ _mix31(((v >> 31) & _LOW31) ^ ((v >> 62) & 3) << 29)
+    return (v & _LOW31) ^ _mix31(((v >> 31) & _LOW31) ^ (((v >> 62) & 3) << 29))
 
 
 def _mix31(x: torch.Tensor) -> torch.Tensor:

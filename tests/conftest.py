@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import re
+import subprocess
 import sys
 from typing import NamedTuple, Optional
 
@@ -389,8 +390,6 @@ def portable_code_reaching_avx(library) -> list:
     such namespace: an inline function whose one linked copy came from an AVX
     build. Returns "caller -> callee" strings (empty when clean).
     """
-    import subprocess
-
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)], capture_output=True,
                           text=True, check=True).stdout
     header = re.compile(r"^[0-9a-f]+ <(.*)>:$")
