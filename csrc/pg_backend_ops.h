@@ -115,6 +115,7 @@ struct BackendOps {
       const at::Tensor& entropy,
       c10::string_view reduction,
       int64_t vocab_start) {
+    check_vocab_start(vocab_start);
     return backward_rows(
         grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
   }
@@ -124,6 +125,7 @@ struct BackendOps {
       const at::Tensor& action,
       int64_t vocab_start) {
     check_logit_and_action(logit, action);
+    check_vocab_start(vocab_start);
     const typename Backend::Guard guard(logit.device());
     const RowInputs in = flatten_logit_and_action(logit, action);
     const auto stats = stats_options(logit);

@@ -80,6 +80,10 @@ void check_inputs(
   }
 }
 
+void check_vocab_start(int64_t vocab_start) {
+  TORCH_CHECK_VALUE(vocab_start >= 0, "pg_error: vocab_start must be >= 0, got ", vocab_start);
+}
+
 void check_backward_inputs(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,
@@ -88,6 +92,13 @@ void check_backward_inputs(
     const at::Tensor& action,
     Reduction reduction) {
   const auto loss_shape = reduction == Reduction::None ? action.sym_sizes() : c10::SymIntArrayRef{};
+  // Floating point only: an integer lse would be read truncated, a wrong
+  // gradient without an error.
+  for (const auto* t : {&grad_policy, &grad_entropy, &lse, &entropy}) {
+    TORCH_CHECK_TYPE(
+        at::isFloatingType(t->scalar_type()),
+        "pg_error_backward: gradients and saved statistics must be floating point, got ", t->scalar_type());
+  }
   for (const auto* g : {&grad_policy, &grad_entropy}) {
     TORCH_CHECK_VALUE(
         g->sym_sizes() == loss_shape,

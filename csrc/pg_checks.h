@@ -24,9 +24,12 @@ void check_inputs(
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight);
 
+// A shard's first class id: class ids are int64 and never negative.
+void check_vocab_start(int64_t vocab_start);
+
 // The extra inputs of the backward op: upstream gradients of the two losses
 // (0-d for 'mean' and 'sum', the shape of action for 'none') and the
-// per-sample statistics saved by forward (the shape of action).
+// per-sample statistics saved by forward (the shape of action), all floating.
 void check_backward_inputs(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,

@@ -113,6 +113,24 @@ def test_action_out_of_range_raw_ops(value):
         torch.ops.pgext.pg_error_forward(inp.logit, action, inp.return_, None, "mean")
 
 
+def test_kernel_op_inputs_are_checked():
+    """The kernel ops refuse statistics or gradients that are not floating
+    point (an int64 lse was read truncated: a wrong gradient) and a negative
+    vocab_start."""
+    inp = make_inputs((6,), 9, seed=204)
+    ops = torch.ops.pgext
+    _, _, lse, entropy = ops.pg_error_forward(inp.logit, inp.action, inp.return_, None, "none")
+    ones = torch.ones(6)
+    for bad in ((ones.long(), ones, lse, entropy), (ones, ones, lse.long(), entropy),
+                (ones, ones, lse, entropy.to(torch.complex64)), (ones, ones.bool(), lse, entropy)):
+        with pytest.raises(TypeError, match="must be floating point"):
+            ops.pg_error_backward(bad[0], bad[1], inp.logit, inp.action, inp.return_, None, bad[2], bad[3], "none")
+    with pytest.raises(ValueError, match="vocab_start must be >= 0, got -1"):
+        ops.pg_row_stats(inp.logit, inp.action, -1)
+    with pytest.raises(ValueError, match="vocab_start must be >= 0, got -5"):
+        ops.pg_grad_from_stats(ones, ones, inp.logit, inp.action, inp.return_, None, lse, entropy, "none", -5)
+
+
 def test_out_of_range_with_grad_does_not_leave_state():
     """A refused call leaves nothing behind: a following valid call works and matches."""
     inp = make_inputs((5,), 9, seed=204)
