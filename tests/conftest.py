@@ -371,6 +371,15 @@ def subprocess_env(**extra) -> dict:
 
 
 # --------------------------------------------------------------------------- machine code
+def kernel_library() -> str:
+    """The loaded binary holding the kernels: libpgext (or the JIT's build of it)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    found = [p for p in paths if os.path.basename(p).startswith(("libpgext", "pgext_jit_lib"))]
+    assert len(found) == 1, found
+    return found[0]
+
+
 AVX_NAMESPACE = re.compile(r"\bAVX(?:2|512\w*)::")
 
 

@@ -18,6 +18,7 @@ from conftest import (
     assert_close,
     dtype_id,
     evaluate,
+    kernel_library,
     make_inputs,
     pgext_fn,
     portable_code_reaching_avx,
@@ -346,20 +347,12 @@ def test_deterministic_across_thread_counts_in_every_kernel_build(tmp_path, capa
             assert torch.equal(x1, x2), f"input {i}: {name} differs between 1 and 2 threads"
 
 
-def _loaded_libpgext():
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "pgext" in line.split()[-1] and ".so" in line}
-    library = [p for p in paths if "pgext_jit_lib" in p or pathlib.Path(p).name == "libpgext.so"]
-    assert len(library) == 1, paths
-    return library[0]
-
-
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
 def test_portable_code_never_reaches_avx_instructions():
     """Every inline function several kernel builds instantiate is linked once;
     the copy the portable code calls must not be an AVX2 / AVX-512 build
     (pg_math.h's namespace per build; portable objects linked first)."""
-    assert portable_code_reaching_avx(_loaded_libpgext()) == []
+    assert portable_code_reaching_avx(kernel_library()) == []
 
 
 def _needed(path):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import pgext
-from conftest import FLOAT_DTYPES, ROOT, check_against_reference, dtype_id, make_inputs
+from conftest import FLOAT_DTYPES, ROOT, check_against_reference, dtype_id, kernel_library, make_inputs
 
 # Both sides of every length threshold above, for W = 4, 8 and 16.
 PATH_NS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 28, 29, 31, 32, 33, 63, 64, 65, 4095, 4096, 4097, 8193]
@@ -315,22 +315,13 @@ def test_huge_pages_and_cache_can_be_turned_off_and_change_no_value(tmp_path):
     assert torch.equal(grads["1"][1], grads["0"][1])
 
 
-def _kernel_library():
-    """The loaded binary holding the kernels: libpgext (or the JIT's build of it)."""
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "/" in line}
-    found = [p for p in paths if os.path.basename(p).startswith(("libpgext", "pgext_jit_lib"))]
-    assert len(found) == 1, found
-    return found[0]
-
-
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_kernels_are_built_with_openmp():
     """at::parallel_for parallelizes with `#pragma omp parallel` in ATen's
     headers: without -fopenmp every kernel silently runs on one thread."""
     out = subprocess.run(
-        ["nm", "-D", "--undefined-only", _kernel_library()], capture_output=True, text=True, check=True
+        ["nm", "-D", "--undefined-only", kernel_library()], capture_output=True, text=True, check=True
     ).stdout
     assert "GOMP_parallel" in out
 
