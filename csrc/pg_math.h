@@ -10,6 +10,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 namespace pgext {
@@ -51,6 +52,15 @@ C10_HOST_DEVICE inline acc_t neg_inf() {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t lowest() {
   return std::numeric_limits<acc_t>::lowest();
+}
+
+// The column of class `action` in a row that holds classes [vocab_start,
+// vocab_start + n), or -1 where the row does not hold it. vocab_start >= 0
+// (the ops check it), so the subtraction is done only where it cannot
+// overflow: computed first, action - vocab_start wraps for actions far below
+// vocab_start and can land inside the row.
+C10_HOST_DEVICE inline int64_t shard_column(int64_t action, int64_t vocab_start, int64_t n) {
+  return action >= vocab_start && action - vocab_start < n ? action - vocab_start : -1;
 }
 
 template <typename acc_t>

@@ -131,6 +131,37 @@ def test_kernel_op_inputs_are_checked():
         ops.pg_grad_from_stats(ones, ones, inp.logit, inp.action, inp.return_, None, lse, entropy, "none", -5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("n", [9, 100], ids=lambda n: f"N{n}")
+def test_shard_ops_with_actions_far_below_vocab_start(n, dtype):
+    """A shard at the top of int64 holds none of the actions near -2**63:
+    action - vocab_start wrapped around to a column inside the shard (1 for
+    action -2**63 and vocab_start 2**63 - 1), so pg_row_stats returned that
+    column's logit and pg_grad_from_stats put the one-hot term there."""
+    start = 2**63 - 1
+    inp = make_inputs((6,), n, dtype=dtype, seed=205)
+    action = torch.tensor([start, -2**63, -2**63 + 1, -2**63 + n - 3, -1, start - 1])
+    outside = action.clone()
+    outside[1:] = start - 1  # outside the shard, no overflow
+    ops = torch.ops.pgext
+    stats = ops.pg_row_stats(inp.logit, action, start)
+    want = ops.pg_row_stats(inp.logit, outside, start)
+    for got, expected in zip(stats, want):
+        assert torch.equal(got, expected)
+    assert stats[3][0] == inp.logit[0, 0].to(stats[3].dtype) and torch.all(stats[3][1:] == 0)
+    _, _, lse, entropy = ops.pg_error_forward(inp.logit, inp.action, inp.return_, None, "none")
+    rest = (inp.logit, action, inp.return_, None, lse, entropy, "none", start)
+    ones = torch.ones(6, dtype=lse.dtype)
+    grad = ops.pg_grad_from_stats(ones, ones, *rest)
+    expected = ops.pg_grad_from_stats(ones, ones, inp.logit, outside, *rest[2:])
+    assert torch.equal(grad, expected)
+    # the one row whose action the shard holds has its one-hot term, at column 0
+    no_row_inside = outside.clone()
+    no_row_inside[0] = start - 1
+    without = ops.pg_grad_from_stats(ones, ones, inp.logit, no_row_inside, *rest[2:])
+    assert torch.equal(grad[1:], without[1:])
+    assert (grad != without).nonzero().tolist() == [[0, 0]]
+
 def test_out_of_range_with_grad_does_not_leave_state():
     """A refused call leaves nothing behind: a following valid call works and matches."""
     inp = make_inputs((5,), 9, seed=204)

@@ -70,8 +70,7 @@ struct ShardSink {
 
   // The action's column in this shard, or -1 when another shard holds it.
   int64_t action_column(int64_t r) const {
-    const int64_t a = action[r] - vocab_start;
-    return a >= 0 && a < n ? a : -1;
+    return math::shard_column(action[r], vocab_start, n);
   }
 
   void put(int64_t r, acc_t m, acc_t s, acc_t u, acc_t x_action) const {
@@ -119,6 +118,7 @@ struct BackwardSource {
   BackwardSource(const RowInputs& in, const BackwardRows& rows)
       : action(in.action.const_data_ptr<int64_t>()),
         vocab_start(rows.shard_vocab_start.value_or(0)),
+        n(in.n),
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         g_pol(rows.grad_policy),
@@ -132,13 +132,15 @@ struct BackwardSource {
     return math::grad_coef(g_pol[r], g_ent[r], ret[r], w, entropy[r], inv_count);
   }
 
-  // The action's column within the row (or shard); may lie outside [0, n).
+  // The action's column within the row (or shard), or -1 when another shard
+  // holds it.
   int64_t action_column(int64_t r) const {
-    return action[r] - vocab_start;
+    return math::shard_column(action[r], vocab_start, n);
   }
 
   const int64_t* action;
   int64_t vocab_start;
+  int64_t n;
   const acc_t* ret;
   const acc_t* weight;
   UpstreamGrad<acc_t> g_pol;

@@ -61,8 +61,8 @@ __device__ __forceinline__ void backward_row(
   using P = Pack<scalar_t>;
   constexpr int V = P::kVec;
   const int64_t n = p.n;
-  const int64_t a = p.action[r] - p.vocab_start;
-  const bool in_range = a >= 0 && a < n;
+  const int64_t a = math::shard_column(p.action[r], p.vocab_start, n);
+  const bool in_range = a >= 0;
   if (reports && !p.shard) {
     CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
   }
