@@ -213,6 +213,7 @@ RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& ac
   in.rows = action.numel();
   in.logit = logit_rows(logit, in.rows, in.n);
   in.action = as_rows(action, in.rows, at::kLong);
+  in.action_dtype = action.scalar_type();
   return in;
 }
 

@@ -57,6 +57,9 @@ at::ScalarType loss_type(
 struct RowInputs {
   at::Tensor logit;   // (rows, n), unit stride within a row, any row stride
   at::Tensor action;  // (rows,) int64, contiguous
+  // the caller's action dtype, for error messages: a uint64 action of 2**63 or
+  // more reads negative once converted to int64
+  at::ScalarType action_dtype = at::kLong;
   at::Tensor ret;     // (rows,) accumulation dtype, contiguous
   at::Tensor weight;  // (rows,) accumulation dtype, contiguous; undefined if absent
   int64_t rows = 0;

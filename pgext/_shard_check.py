@@ -177,9 +177,11 @@ def _raise_out_of_range(table, rank: int, action: torch.Tensor, n_global: int, v
     expect = (f"for N = {n_global} classes (the vocabulary of all {len(table)} shards); "
               f"expected 0 <= action < {n_global}")
     flat = action.detach().reshape(-1).long()
+    # the value the caller passed: a uint64 action of 2**63 or more reads negative as int64
+    as_passed = (lambda v: v % 2**64) if action.dtype == torch.uint64 else (lambda v: v)
     bad = ((flat < 0) | (flat >= n_global)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
-        raise IndexError(f"pg_error: action {int(flat[i])} (sample {i}) is out of range {expect}")
+        raise IndexError(f"pg_error: action {as_passed(int(flat[i]))} (sample {i}) is out of range {expect}")
     owner = next(r for r, h in enumerate(table) if h["action_min"] == value or h["action_max"] == value)
-    raise IndexError(f"pg_error: rank {owner}'s action {value} is out of range {expect}")
+    raise IndexError(f"pg_error: rank {owner}'s action {as_passed(value)} is out of range {expect}")

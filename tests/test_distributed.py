@@ -276,6 +276,14 @@ def test_vocab_start_is_checked(world1, bad, kind):
         pgext.distributed.pg_error(inp.data, vocab_start=bad)
 
 
+def test_uint64_action_out_of_range_is_reported_as_passed(world1):
+    inp = make_inputs((4,), 6)
+    action = inp.action.to(torch.uint64)
+    action[1] = 2**64 - 1
+    with pytest.raises(IndexError, match=r"action 18446744073709551615 \(sample 1\) is out of range for N = 6"):
+        pgext.distributed.pg_error((inp.logit, action, inp.return_))
+
+
 def test_no_grad_gives_the_same_losses(world1):
     inp = make_inputs((5,), 7, torch.float64, weight=True)
     a = pgext.distributed.pg_error(inp.data, weight=inp.weight)

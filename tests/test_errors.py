@@ -100,6 +100,17 @@ def test_action_out_of_range_small_int_dtypes(dtype):
     assert str(bad) in str(exc.value)
 
 
+@pytest.mark.parametrize("value", [2**64 - 1, 2**63], ids=str)
+def test_uint64_action_out_of_range_is_reported_as_passed(value):
+    """A uint64 action is converted to int64 for the kernels, where 2**64 - 1
+    reads -1: the message names the caller's value."""
+    inp = make_inputs((5,), 7, seed=206)
+    action = inp.action.to(torch.uint64)
+    action[2] = value
+    with pytest.raises(IndexError, match=rf"action {value} \(sample 2\) is out of range for N = 7"):
+        call(inp.logit, action, inp.return_)
+
+
 @pytest.mark.parametrize("value", [-1, 37, 2**40], ids=str)
 def test_action_out_of_range_raw_ops(value):
     """The registered ops themselves must not read outside the row."""

@@ -12,6 +12,9 @@
 #include <cpuid.h>
 #endif
 
+#include <cstdint>
+#include <string>
+
 namespace pgext {
 namespace cpu {
 
@@ -81,10 +84,13 @@ const KernelSet& kernels(at::ScalarType dtype) {
 void check_actions(const RowInputs& in) {
   const int64_t* a = in.action.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < in.rows; ++r) {
-    TORCH_CHECK_INDEX(
-        a[r] >= 0 && a[r] < in.n,
-        "pg_error: action ", a[r], " (sample ", r, ") is out of range for N = ", in.n,
-        " classes; expected 0 <= action < ", in.n);
+    if (C10_UNLIKELY(a[r] < 0 || a[r] >= in.n)) {
+      // the value the caller passed, not its int64 conversion
+      const bool wrapped = in.action_dtype == at::kUInt64 && a[r] < 0;
+      TORCH_CHECK_INDEX(
+          false, "pg_error: action ", wrapped ? std::to_string(static_cast<uint64_t>(a[r])) : std::to_string(a[r]),
+          " (sample ", r, ") is out of range for N = ", in.n, " classes; expected 0 <= action < ", in.n);
+    }
   }
 }
 
