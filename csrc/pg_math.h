@@ -70,6 +70,14 @@ struct RowStats {
   acc_t u;  // sum exp(x - m) * (x - m)
 };
 
+// The max that pg_row_stats reports: NaN wherever s is, that is for a row
+// holding a NaN or +inf logit. m alone would depend on where the NaN sat and
+// on how the row was split (a vector max drops NaN; combine keeps it).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t reported_max(acc_t m, acc_t s) {
+  return s != s ? s : m;
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline RowStats<acc_t> empty_stats() {
   return {neg_inf<acc_t>(), acc_t(0), acc_t(0)};

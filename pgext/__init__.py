@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import _vmap, reference
 from ._cmake import cmake_prefix_path
 from ._types import pg_data, pg_loss
 
@@ -46,6 +46,7 @@ def _load_extension():
 
 
 _C, _BUILD_MODE = _load_extension()
+_vmap.register()
 __version__: str = _C.__version__
 _pg_error_op = torch.ops.pgext.pg_error.default
 _pg_error_direct = _C.pg_error

@@ -82,6 +82,27 @@ def test_degenerate_rows_stay_in_their_lane(n, dtype):
     assert torch.equal(got.entropy_loss[~bad], ref.entropy_loss)
 
 
+@pytest.mark.parametrize("n", [4, 18, 40, 100, 5000, 20000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_row_stats_of_nan_and_inf_rows_are_nan(n, dtype):
+    """pg_row_stats gives a row with a NaN or +inf logit NaN in all three
+    statistics. Its max used to be the max without the NaN, the +inf, or NaN,
+    depending on N and on where the NaN sat (a vector max drops NaN)."""
+    inp = make_inputs((8,), n, dtype, seed=n, mask=0.2)
+    logit = inp.logit.clone()
+    logit[1, 0] = logit[2, n // 2] = logit[3, n - 1] = math.nan
+    logit[4, n // 3] = logit[5, n - 1] = math.inf
+    logit[6] = -math.inf
+    logit[7, 0] = math.nan
+    logit[7, n - 1] = math.inf
+    stats = torch.ops.pgext.pg_row_stats(logit, inp.action, 0)
+    bad = [1, 2, 3, 4, 5, 7]
+    for name, value in zip(("max", "sum_exp", "shifted_sum"), stats[:3]):
+        assert torch.isnan(value[bad]).all(), (name, value)
+        assert not torch.isnan(value[[0, 6]]).any(), (name, value)
+    assert stats[0][6] == -math.inf and stats[1][6] == 0 and stats[2][6] == 0  # no distribution: empty
+
+
 @pytest.mark.parametrize("n", [5, 18, 40, 1000, 5000])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_masking_with_the_lowest_finite_value(n, dtype):

@@ -74,7 +74,7 @@ struct ShardSink {
   }
 
   void put(int64_t r, acc_t m, acc_t s, acc_t u, acc_t x_action) const {
-    max[r] = m;
+    max[r] = math::reported_max(m, s);
     sum_exp[r] = s;
     shifted_sum[r] = u;
     action_logit[r] = x_action;

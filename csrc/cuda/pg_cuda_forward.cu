@@ -80,7 +80,7 @@ struct StatsFinish {
 
   __device__ void operator()(int64_t r, const scalar_t* x, int64_t n, math::RowStats<acc_t> st) const {
     const int64_t a = math::shard_column(action[r], vocab_start, n);
-    max[r] = st.m;
+    max[r] = math::reported_max(st.m, st.s);
     sum_exp[r] = st.s;
     shifted_sum[r] = st.u;
     action_logit[r] = a >= 0 ? static_cast<acc_t>(x[a]) : acc_t(0);

@@ -1,0 +1,149 @@
+"""Batching rules of pgext's ops for ``torch.func.vmap``.
+
+Without them vmap runs each op once per batch entry (PyTorch's fallback, which
+warns about it). The ops already take any number of leading dimensions, so a
+vmapped call is one call on the whole batch: the vmapped dimension moves to the
+front (inputs that do not have it are expanded) and becomes one more leading
+dimension of the samples.
+
+Reduction 'none' maps to itself. 'mean' and 'sum' reduce over all samples, so
+they map to 'none' followed by a sum per batch entry: in float64, of per-sample
+terms in the accumulation dtype (``return_`` and ``weight`` are promoted to it,
+which makes the per-sample outputs that dtype), then divided by the sample
+count and rounded once, as the op's own reduction does. Only the summation
+order differs from one op call per entry. The backward ops map 'mean' and
+'sum' to 'none' with the upstream gradient of each entry spread over its
+samples (divided by the count for 'mean').
+
+Registered on import of pgext, for the installed and the JIT-loaded library.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_REDUCED = ("mean", "sum")
+
+
+def _front(t, bdim, size):
+    """t with the vmapped dimension first: moved there, or added by expanding
+    (a view, no copy) when t does not have it."""
+    if t is None:
+        return None
+    if bdim is None:
+        return t.expand(size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def _fronts(info, in_dims, tensors):
+    """_front of each tensor. Trailing arguments left at their defaults do not
+    reach a rule (nor have an in_dim), so in_dims may be shorter."""
+    in_dims = tuple(in_dims) + (None,) * (len(tensors) - len(in_dims))
+    return tuple(_front(t, d, info.batch_size) for t, d in zip(tensors, in_dims))
+
+
+def _acc_dtype(logit_dtype):
+    return torch.float64 if logit_dtype == torch.float64 else torch.float32
+
+
+def _at_least(t, dtype):
+    return None if t is None else t.to(torch.promote_types(t.dtype, dtype))
+
+
+def _reduce(rows, reduction, count, dtype):
+    """Per-entry sum (or mean) of rows (B, *samples), in float64, rounded to dtype."""
+    total = rows.to(torch.float64).sum(dim=tuple(range(1, rows.dim())))
+    if reduction == "mean":
+        total = total / count  # 0 / 0 = NaN: the mean of no samples
+    return total.to(dtype)
+
+
+def _loss_dtype(logit, ret, weight):
+    dtype = torch.promote_types(logit.dtype, ret.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+
+
+def _samples_per_entry(action):
+    return math.prod(action.shape[1:])
+
+
+def _pg_error(info, in_dims, logit, action, return_, weight=None, reduction="mean"):
+    logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
+    if reduction not in _REDUCED:
+        return tuple(torch.ops.pgext.pg_error(logit, action, return_, weight, reduction)), (0, 0)
+    dtype = _loss_dtype(logit, return_, weight)
+    acc = _acc_dtype(logit.dtype)
+    policy, entropy = torch.ops.pgext.pg_error(
+        logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
+    count = _samples_per_entry(action)
+    return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype)), (0, 0)
+
+
+def _pg_error_forward(info, in_dims, logit, action, return_, weight, reduction):
+    logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
+    if reduction not in _REDUCED:
+        return tuple(torch.ops.pgext.pg_error_forward(logit, action, return_, weight, reduction)), (0, 0, 0, 0)
+    dtype = _loss_dtype(logit, return_, weight)
+    acc = _acc_dtype(logit.dtype)
+    policy, entropy, lse, row_entropy = torch.ops.pgext.pg_error_forward(
+        logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
+    count = _samples_per_entry(action)
+    return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype),
+            lse, row_entropy), (0, 0, 0, 0)
+
+
+def _per_sample_grad(grad, reduction, action):
+    """A reduced loss's upstream gradient (B,) as per-sample gradients of the
+    actions' shape (B, *samples): what reduction 'none' takes."""
+    if reduction not in _REDUCED:
+        return grad
+    if reduction == "mean":
+        grad = grad / _samples_per_entry(action)
+    return grad.reshape(grad.shape + (1,) * (action.dim() - 1)).expand(action.shape)
+
+
+def _grad_args(info, in_dims, args, reduction):
+    grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy = _fronts(info, in_dims, args)
+    if reduction in _REDUCED:
+        grad_policy = _per_sample_grad(grad_policy, reduction, action)
+        grad_entropy = _per_sample_grad(grad_entropy, reduction, action)
+        reduction = "none"
+    return (grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy, reduction)
+
+
+def _pg_error_backward(info, in_dims, grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy,
+                       reduction):
+    args = (grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy)
+    return torch.ops.pgext.pg_error_backward(*_grad_args(info, in_dims, args, reduction)), 0
+
+
+def _pg_grad_from_stats(info, in_dims, grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy,
+                        reduction, vocab_start):
+    args = (grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy)
+    return torch.ops.pgext.pg_grad_from_stats(*_grad_args(info, in_dims, args, reduction), vocab_start), 0
+
+
+def _pg_row_stats(info, in_dims, logit, action, vocab_start=0):
+    logit, action = _fronts(info, in_dims, (logit, action))
+    return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start)), (0, 0, 0, 0)
+
+
+_RULES = {
+    "pg_error": _pg_error,
+    "pg_error_forward": _pg_error_forward,
+    "pg_error_backward": _pg_error_backward,
+    "pg_row_stats": _pg_row_stats,
+    "pg_grad_from_stats": _pg_grad_from_stats,
+}
+_LIB = None
+
+
+def register() -> None:
+    """Registers the rules once (a library fragment kept alive here)."""
+    global _LIB
+    if _LIB is not None:
+        return
+    _LIB = torch.library.Library("pgext", "FRAGMENT")
+    for name, rule in _RULES.items():
+        torch.library.register_vmap(f"pgext::{name}", rule, lib=_LIB)

@@ -1,0 +1,204 @@
+"""torch.func.vmap over pgext: batching rules (pgext/_vmap.py) instead of
+PyTorch's per-entry fallback. Every vmapped result is compared with a Python
+loop over the batch entries, and any warning (the fallback's "performance
+drop") fails the test."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.func import grad, jacfwd, jacrev, vmap
+
+import pgext
+from conftest import HALF_DTYPES, REDUCTIONS, assert_close, dtype_id, make_inputs
+
+ENTRIES = 3
+
+
+def losses(logit, action, return_, weight=None, reduction="mean"):
+    return tuple(pgext.pg_error(pgext.pg_data(logit, action, return_), weight=weight, reduction=reduction))
+
+
+def entry(t, dim, i):
+    return t if dim is None else t.select(dim, i)
+
+
+def loop(fn, in_dims, *args):
+    """fn over the batch entries, stacked: what vmap(fn, in_dims) must return."""
+    outs = [fn(*(entry(a, d, i) for a, d in zip(args, in_dims))) for i in range(ENTRIES)]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def batched(t, dim):
+    """ENTRIES different copies of t, stacked along dim."""
+    if t.is_floating_point():
+        return torch.stack([t * (1 + 0.25 * i) - 0.1 * i for i in range(ENTRIES)], dim)
+    n = int(t.max()) + 1
+    return torch.stack([(t + i) % n for i in range(ENTRIES)], dim)
+
+
+# which arguments carry the vmapped dimension, and where (None: shared by all entries)
+LAYOUTS = {
+    "all": (0, 0, 0, 0),
+    "logit_only": (0, None, None, None),  # an ensemble of policies on one batch
+    "moved_dims": (2, 1, None, 0),
+    "return_only": (None, None, 0, None),
+}
+
+
+def vmap_inputs(layout, dtype, shape=(4, 5), n=7, seed=0):
+    inp = make_inputs(shape, n, dtype, seed=seed, mask=0.2, weight=True)
+    dims = LAYOUTS[layout]
+    args = [t if d is None else batched(t, d) for t, d in zip((inp.logit, inp.action, inp.return_, inp.weight), dims)]
+    return args, dims
+
+
+@pytest.fixture(autouse=True)
+def no_fallback():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        yield
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_losses_match_a_loop(dtype, reduction, layout):
+    args, dims = vmap_inputs(layout, dtype)
+
+    def fn(logit, action, return_, weight):
+        return losses(logit, action, return_, weight, reduction)
+
+    got = vmap(fn, in_dims=dims)(*args)
+    want = loop(fn, dims, *args)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if reduction == "none":
+            assert torch.equal(g, w)  # the same kernel on the same rows
+        else:
+            # the same per-sample terms, summed in float64 in another order
+            assert_close(g, w, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_gradients_match_a_loop(dtype, reduction, layout):
+    """vmap(grad): pg_error's autograd runs inside vmap, so the forward and
+    backward kernel ops are the ones batched."""
+    args, dims = vmap_inputs(layout, dtype)
+    upstream = torch.tensor(-0.01)
+
+    def total(logit, return_, weight, action):
+        policy, entropy = losses(logit, action, return_, weight, reduction)
+        return (policy + upstream * entropy).sum()
+
+    grads = grad(total, argnums=(0, 1, 2))
+    order = (0, 2, 3, 1)
+    got = vmap(grads, in_dims=tuple(dims[i] for i in order))(*(args[i] for i in order))
+    want = loop(grads, tuple(dims[i] for i in order), *(args[i] for i in order))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+        # 'mean' divides the upstream gradient by the count before the kernel
+        # rather than inside it: a last-bit difference
+        assert_close(g, w, scale=w.abs().max(), rtol=tol, atol=tol)
+
+
+def test_ensemble_over_shared_data_is_one_kernel_call():
+    """The point of the rules: an ensemble of E policies on one batch is one
+    call on E x rows rows, not E calls (the fallback's loop)."""
+    inp = make_inputs((64,), 18, seed=3)
+    logits = batched(inp.logit, 0)
+    calls = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "pgext":
+                calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        vmap(lambda x: losses(x, inp.action, inp.return_), in_dims=(0,))(logits)
+    # below autograd, where dispatch modes see it: one forward kernel call
+    assert calls == ["pgext.pg_error_forward.default"]
+
+
+def test_nested_vmap_matches_a_double_loop():
+    inp = make_inputs((2, 3, 5), 6, seed=4)
+
+    def fn(logit, action, return_):
+        return losses(logit, action, return_)
+
+    got = vmap(vmap(fn))(inp.logit, inp.action, inp.return_)
+    for k in range(2):
+        want = [torch.stack([torch.stack(fn(inp.logit[i, j], inp.action[i, j], inp.return_[i, j]))
+                             for j in range(3)]) for i in range(2)]
+        want = torch.stack(want)[..., k]
+        assert_close(got[k], want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, *HALF_DTYPES], ids=dtype_id)
+def test_jacobians(dtype):
+    """jacrev is vmap over vjp (only the upstream gradient is batched), jacfwd
+    vmap over jvp: both equal the reference's Jacobian."""
+    inp = make_inputs((4,), 5, dtype, seed=5, mask=0.2)
+
+    def policy(logit, fn):
+        return fn(pgext.pg_data(logit, inp.action, inp.return_), reduction="none").policy_loss
+
+    want = torch.autograd.functional.jacobian(
+        lambda x: policy(x, pgext.reference.pg_error), inp.logit.double())
+    for transform in (jacrev, jacfwd):
+        got = transform(lambda x: policy(x, pgext.pg_error))(inp.logit)
+        assert got.shape == (4, 4, 5)
+        assert_close(got.double(), want, rtol=1e-9 if dtype == torch.float64 else 2e-2, atol=1e-3)
+
+
+def test_hessian_is_symmetric_and_matches_the_reference():
+    inp = make_inputs((3,), 4, torch.float64, seed=6)
+
+    def total(logit, fn):
+        loss = fn(pgext.pg_data(logit, inp.action, inp.return_))
+        return loss.policy_loss - 0.01 * loss.entropy_loss
+
+    got = torch.func.hessian(lambda x: total(x, pgext.pg_error))(inp.logit)
+    want = torch.autograd.functional.hessian(lambda x: total(x, pgext.reference.pg_error), inp.logit)
+    assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_shard_ops_match_a_loop():
+    inp = make_inputs((ENTRIES, 5), 12, seed=7, weight=True)
+    ops = torch.ops.pgext
+    start = 4
+    shard = inp.logit[..., start:start + 5]
+    got = vmap(lambda x, a: ops.pg_row_stats(x, a, start))(shard, inp.action)
+    want = loop(lambda x, a: ops.pg_row_stats(x, a, start), (0, 0), shard, inp.action)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    _, _, lse, entropy = ops.pg_error_forward(inp.logit, inp.action, inp.return_, inp.weight, "none")
+    for reduction in REDUCTIONS:
+        g = torch.Generator().manual_seed(9)
+        gp = torch.randn(ENTRIES, *(inp.action.shape[1:] if reduction == "none" else ()), generator=g)
+        ge = torch.randn(gp.shape, generator=g)
+
+        def shard_grad(gp, ge, x, a, r, w, lse, ent):
+            return (ops.pg_grad_from_stats(gp, ge, x, a, r, w, lse, ent, reduction, start),)
+
+        args = (gp, ge, shard, inp.action, inp.return_, inp.weight, lse, entropy)
+        (got,) = vmap(shard_grad)(*args)
+        (want,) = loop(shard_grad, (0,) * 8, *args)
+        assert_close(got, want, scale=want.abs().max(), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_raises_under_vmap():
+    inp = make_inputs((3, 4), 5, seed=8)
+    action = inp.action.clone()
+    action[1, 2] = 5
+    with pytest.raises(IndexError, match="action 5"):
+        vmap(losses)(inp.logit, action, inp.return_)
+    with pytest.raises(ValueError, match="reduction"):
+        vmap(lambda *a: losses(*a, reduction="avg"))(inp.logit, inp.action, inp.return_)
+    with pytest.raises(ValueError, match="shape"):
+        vmap(losses, in_dims=(0, 0, None))(inp.logit, inp.action, inp.return_[:, :2])
