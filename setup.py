@@ -209,8 +209,13 @@ class build_ext(BuildExtension):
             write_package_files(source_package)
 
 
+# The binary uses torch's C++ ABI, which changes between minor releases: pin
+# the major.minor it was built against (pyproject.toml: dynamic dependencies).
+TORCH_REQUIREMENT = "torch==" + ".".join(torch.__version__.split("+")[0].split(".")[:2]) + ".*"
+
 setup(
     version=VERSION,
+    install_requires=[TORCH_REQUIREMENT],
     packages=find_packages(include=["pgext", "pgext.*"]),
     ext_modules=[library(), module()],
     cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},

@@ -57,6 +57,10 @@ bool cuda_compiled() {
 }
 
 const char* cpu_capability(at::ScalarType logit_dtype) {
+  TORCH_CHECK_TYPE(
+      logit_dtype == at::kFloat || logit_dtype == at::kDouble || logit_dtype == at::kHalf ||
+          logit_dtype == at::kBFloat16,
+      "pgext::cpu_capability: logits are float16, bfloat16, float32 or float64, got ", logit_dtype);
   return cpu::active_capability(logit_dtype);
 }
 

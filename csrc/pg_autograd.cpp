@@ -140,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     const std::optional<at::Tensor>& weight,
     c10::string_view reduction) {
   const at::Tensor w = weight.value_or(at::Tensor());
+  check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
   const bool requires_grad = torch::autograd::compute_requires_grad(logit, ret, w);
   at::Tensor policy, entropy, lse, row_entropy;
   {
@@ -171,6 +172,8 @@ std::tuple<at::Tensor, at::Tensor> pg_error_no_grad(
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
     c10::string_view reduction) {
+  const at::Tensor w = weight.value_or(at::Tensor());
+  check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
   auto out = ops::pg_error_forward(logit, action, ret, weight, reduction);
   return {std::get<0>(out), std::get<1>(out)};
 }
@@ -205,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_auto
     const std::optional<at::Tensor>& weight,
     c10::string_view reduction) {
   const at::Tensor w = weight.value_or(at::Tensor());
+  check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
   refuse_grad("pg_error_forward", {&logit, &ret, &w}, /*forward_mode=*/true);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   {
@@ -227,6 +231,8 @@ at::Tensor pg_error_backward_autograd(
     const at::Tensor& entropy,
     c10::string_view reduction) {
   const at::Tensor w = weight.value_or(at::Tensor());
+  check_dense({{"grad_policy", &grad_policy}, {"grad_entropy", &grad_entropy}, {"logit", &logit},
+               {"action", &action}, {"return_", &ret}, {"weight", &w}, {"lse", &lse}, {"entropy", &entropy}});
   refuse_grad("pg_error_backward", {&grad_policy, &grad_entropy, &logit, &ret, &w, &lse, &entropy});
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops::pg_error_backward(
@@ -237,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_autograd
     const at::Tensor& logit,
     const at::Tensor& action,
     int64_t vocab_start) {
+  check_dense({{"logit", &logit}, {"action", &action}});
   refuse_grad("pg_row_stats", {&logit});
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops::pg_row_stats(logit, action, vocab_start);
@@ -254,6 +261,8 @@ at::Tensor pg_grad_from_stats_autograd(
     c10::string_view reduction,
     int64_t vocab_start) {
   const at::Tensor w = weight.value_or(at::Tensor());
+  check_dense({{"grad_policy", &grad_policy}, {"grad_entropy", &grad_entropy}, {"logit", &logit},
+               {"action", &action}, {"return_", &ret}, {"weight", &w}, {"lse", &lse}, {"entropy", &entropy}});
   refuse_grad("pg_grad_from_stats", {&grad_policy, &grad_entropy, &logit, &ret, &w, &lse, &entropy});
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops::pg_grad_from_stats(

@@ -6,6 +6,8 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace pgext {
 
 Reduction parse_reduction(c10::string_view reduction) {
@@ -24,14 +26,22 @@ Reduction parse_reduction(c10::string_view reduction) {
 
 namespace {
 
+// The floating dtypes pgext computes with. at::isFloatingType also admits
+// float8, which type promotion and the kernels' dispatch reject later with
+// errors that name neither the argument nor the problem.
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 bool is_real_number_type(at::ScalarType t) {
-  return at::isFloatingType(t) || at::isIntegralType(t, /*includeBool=*/true);
+  return is_supported_float(t) || at::isIntegralType(t, /*includeBool=*/true);
 }
 
 void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& action, const at::Tensor& logit) {
   TORCH_CHECK_TYPE(
       is_real_number_type(t.scalar_type()),
-      "pg_error: ", name, " must be a real-valued tensor, got dtype ", t.scalar_type());
+      "pg_error: ", name, " must be float16, bfloat16, float32, float64, integer or bool, got dtype ",
+      t.scalar_type());
   TORCH_CHECK_VALUE(
       t.sym_sizes() == action.sym_sizes(),
       "pg_error: ", name, " must have the shape of action ", action.sym_sizes(), ", got ",
@@ -43,6 +53,18 @@ void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& a
 }
 
 }  // namespace
+
+void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
+  for (const auto& [name, t] : named) {
+    if (!t->defined() || (t->layout() == at::kStrided && !t->is_nested() && !t->is_quantized())) {
+      continue;
+    }
+    const std::string kind = t->is_nested() ? std::string("a nested tensor")
+        : t->is_quantized()                 ? std::string("a quantized tensor")
+                                            : "layout " + c10::str(t->layout());
+    TORCH_CHECK_TYPE(false, "pg_error: ", name, " must be a dense (strided) tensor, got ", kind);
+  }
+}
 
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
   TORCH_CHECK_VALUE(logit.defined() && action.defined(), "pg_error: logit and action must be tensors");
@@ -96,8 +118,9 @@ void check_backward_inputs(
   // gradient without an error.
   for (const auto* t : {&grad_policy, &grad_entropy, &lse, &entropy}) {
     TORCH_CHECK_TYPE(
-        at::isFloatingType(t->scalar_type()),
-        "pg_error_backward: gradients and saved statistics must be floating point, got ", t->scalar_type());
+        is_supported_float(t->scalar_type()),
+        "pg_error_backward: gradients and saved statistics must be floating point (float16, bfloat16, "
+        "float32 or float64), got ", t->scalar_type());
   }
   for (const auto* g : {&grad_policy, &grad_entropy}) {
     TORCH_CHECK_VALUE(

@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace pgext {
 
@@ -13,6 +15,12 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
 // ValueError unless `reduction` is 'mean', 'sum' or 'none'.
 Reduction parse_reduction(c10::string_view reduction);
+
+// TypeError for a sparse, nested, quantized or MKLDNN tensor (undefined ones
+// pass): the kernels read dense memory, and the dispatcher would otherwise
+// fail on the tensor's backend with a NotImplementedError naming no argument.
+// Called by the ops' first kernels (Autograd, CompositeExplicitAutograd).
+void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>> named);
 
 // Checks of logit and action alone (also used by pg_row_stats).
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action);

@@ -45,7 +45,8 @@ at::Tensor pg_error_backward_meta(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_meta(
     const at::Tensor& logit,
     const at::Tensor& action,
-    int64_t /*vocab_start*/) {
+    int64_t vocab_start) {
+  check_vocab_start(vocab_start);
   check_logit_and_action(logit, action);
   const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
   const auto shape = action.sym_sizes();
@@ -64,7 +65,8 @@ at::Tensor pg_grad_from_stats_meta(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     c10::string_view reduction,
-    int64_t /*vocab_start*/) {
+    int64_t vocab_start) {
+  check_vocab_start(vocab_start);
   return pg_error_backward_meta(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
 }
 

@@ -40,8 +40,17 @@ def _load_extension():
         from . import jit
 
         return jit.load(), "jit"
-    from . import _C
-
+    rebuild = ("pgext runs with the torch minor release it was built against only (its C++ ABI); rebuild it "
+               "with this torch: `make build` in a checkout, or `pip install --no-build-isolation .`")
+    try:
+        from . import _C
+    except ImportError as exc:
+        raise ImportError(f"pgext's compiled part did not load ({exc}), with torch {torch.__version__}. "
+                          f"{rebuild}") from exc
+    built, running = (".".join(v.split("+")[0].split(".")[:2]) for v in (_C.torch_version(), torch.__version__))
+    if built != running:
+        raise ImportError(f"pgext was built against torch {_C.torch_version()}, this is torch {torch.__version__}. "
+                          f"{rebuild}")
     return _C, "installed"
 
 
@@ -84,6 +93,12 @@ def _check_call(data, weight, reduction):
             raise TypeError(f"pg_error: {name} must be a torch.Tensor, got {type(value).__name__}")
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"pg_error: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    for name, value in (("logit", logit), ("action", action), ("return_", return_), ("weight", weight)):
+        # the ops say the same (check_dense); pgext.distributed's checks come first
+        if value is not None and (value.layout != torch.strided or value.is_nested or value.is_quantized):
+            kind = "a nested tensor" if value.is_nested else "a quantized tensor" if value.is_quantized \
+                else f"layout {value.layout}"
+            raise TypeError(f"pg_error: {name} must be a dense (strided) tensor, got {kind}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"pg_error: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return logit, action, return_

@@ -120,17 +120,22 @@ def library_rpath(with_cuda: bool) -> str:
     build, the directory of the CUDA runtime that torch's pip dependencies
     install (``site-packages/nvidia/cu13/lib``), where there is one, the way
     torch's own libraries find it: a C++ program that loads libpgext before
-    anything has loaded libcudart must find it without a CUDA toolkit.
+    anything has loaded libcudart must find it without a CUDA toolkit. Both
+    relative to libpgext first, then by absolute path.
     """
-    paths = [LIBRARY_RPATH]
-    spec = importlib.util.find_spec("torch")
-    if with_cuda and spec is not None and spec.submodule_search_locations:
-        site = Path(next(iter(spec.submodule_search_locations))).parent
-        for lib in sorted(site.glob("nvidia/*/lib/libcudart.so*")):
-            entry = "$ORIGIN/../../" + lib.parent.relative_to(site).as_posix()
-            if entry not in paths:
-                paths.append(entry)
-    return ":".join(paths)
+    torch_lib = torch_library_dir()
+    if torch_lib is None:
+        return LIBRARY_RPATH
+    site = torch_lib.parent.parent
+    dirs = [torch_lib]
+    if with_cuda:
+        dirs += sorted({lib.parent for lib in site.glob("nvidia/*/lib/libcudart.so*")})
+    relative = ["$ORIGIN/../../" + d.relative_to(site).as_posix() for d in dirs]
+    # Then the same directories by absolute path, for a libpgext that is not
+    # next to torch (an in-place build, a `pip install --user` over a system
+    # torch): a C++ program does not link libc10_cuda itself (--as-needed),
+    # so only libpgext's RUNPATH can find it there.
+    return ":".join(relative + [str(d.resolve()) for d in dirs])
 
 
 def find_cuda_home() -> Optional[str]:
@@ -174,7 +179,22 @@ def want_cuda() -> Optional[str]:
         if force:
             raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (nvcc) or no CUDA sources were found")
         return None
+    torch_lib = torch_library_dir()
+    if torch_lib is not None and not (torch_lib / "libc10_cuda.so").exists():
+        # a CPU-only torch has no CUDA libraries to link the kernels against
+        if force:
+            raise RuntimeError(f"FORCE_CUDA=1 but the torch in {torch_lib.parent} was built without CUDA")
+        return None
     return home
+
+
+def torch_library_dir() -> Optional[Path]:
+    """torch's lib directory, found without importing torch (setup.py must
+    configure CUDA_HOME before torch's build helpers are imported)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
 def configure_cuda_env(home: str) -> None:

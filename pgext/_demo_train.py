@@ -80,18 +80,16 @@ class Result:
 
 def loss_functions(use_reference: bool, need_shadow: bool):
     """((name, pg_error, pg_data), shadow or None) for training and for the timing comparison."""
-    from pgext import reference as ref
-
-    ref_impl = ("reference", ref.pg_error, ref.pg_data)
     try:
+        # the reference too: importing any part of pgext loads its compiled op
         from pgext import pg_data, pg_error
+        from pgext import reference as ref
     except ImportError as exc:
-        if not use_reference:
-            raise ImportError(
-                "pgext's compiled op is not importable (build it in place with "
-                "`python setup.py build_ext --inplace`), or run the demo with --reference"
-            ) from exc
-        return ref_impl, None
+        raise ImportError(
+            "pgext's compiled op is not importable: build it first (`make build`, or "
+            "`python setup.py build_ext --inplace`)"
+        ) from exc
+    ref_impl = ("reference", ref.pg_error, ref.pg_data)
     ext_impl = ("pgext", pg_error, pg_data)
     train, shadow = (ref_impl, ext_impl) if use_reference else (ext_impl, ref_impl)
     return train, (shadow if need_shadow else None)

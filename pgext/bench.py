@@ -226,7 +226,7 @@ def main(argv=None) -> int:
             print(f"pgext.bench: wrote {args.plot}", file=sys.stderr)
         except ImportError as exc:
             print(f"pgext.bench: --plot needs matplotlib ({exc}); "
-                  "pip install -r requirements/bench.txt", file=sys.stderr)
+                  "pip install -r requirements/demo.txt", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -65,6 +65,10 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     logit = action = return_ = None
     try:
         logit, action, return_ = _check_call(data, weight, reduction)
+        if logit.dim() and logit.shape[-1] == 0:
+            raise ValueError(
+                f"pg_error: rank {rank}'s logit shard {tuple(logit.shape)} holds no classes: every rank of the "
+                "group must hold at least one (with fewer classes than ranks, use a smaller group)")
         vocab_start = _vocab_start(vocab_start, rank, logit)
         loss_dtype = _check_tensors(logit, action, return_, weight, reduction)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told

@@ -232,6 +232,10 @@ def test_module_links_libpgext_and_libpgext_is_python_free():
         assert marker in lib_symbols, marker
         assert marker not in mod_symbols, f"{marker} compiled into pgext._C"
     assert _ldd(module)["libpgext.so"] == str(library)
+    # found without Python having loaded torch and without LD_LIBRARY_PATH, in
+    # place too (not next to torch): what a C++ program linking it needs
+    missing = [name for name, where in _ldd(library).items() if where == "not found"]
+    assert not missing, missing
 
 
 @installed_build
@@ -316,6 +320,10 @@ def test_pip_install_ships_libpgext_and_links_it(pip_site, tmp_path):
     for f in ("pgext/lib/libpgext.so", "pgext/include/pgext/pgext.h",
               *(f"pgext/share/cmake/pgext/{n}" for n in PACKAGE_CMAKE_FILES)):
         assert f in listed, f"{f} missing from RECORD"
+    # it runs with the torch minor release it was built against only (C++ ABI)
+    metadata = (record.parent / "METADATA").read_text()
+    torch_mm = re.match(r"\d+\.\d+", torch.__version__).group(0)
+    assert re.findall(r"^Requires-Dist: torch.*$", metadata, re.M) == [f"Requires-Dist: torch=={torch_mm}.*"]
     # RUNPATHs resolve in the installed layout, with no LD_LIBRARY_PATH
     assert _ldd(modules[0])["libpgext.so"] == str(library)
     missing = {k: v for k, v in _ldd(library).items() if v == "not found"}

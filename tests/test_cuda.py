@@ -56,6 +56,21 @@ def test_cuda_compiled_where_a_toolkit_is_found():
     assert pgext._C.cuda_compiled() is True
 
 
+def test_a_cpu_only_torch_means_a_cpu_only_build(monkeypatch, tmp_path):
+    """With a toolkit but a CPU-only torch (no libc10_cuda.so to link the
+    kernels against), the build is CPU-only, or an error under FORCE_CUDA=1."""
+    monkeypatch.setattr(_build_config, "find_cuda_home", lambda: "/opt/cuda")
+    monkeypatch.setattr(_build_config, "torch_library_dir", lambda: tmp_path)
+    monkeypatch.delenv("PGEXT_CPU_ONLY", raising=False)
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    assert _build_config.want_cuda() is None
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _build_config.want_cuda()
+    (tmp_path / "libc10_cuda.so").touch()
+    assert _build_config.want_cuda() == "/opt/cuda"
+
+
 def test_cuda_kernels_registered_for_every_op():
     if not pgext._C.cuda_compiled():
         pytest.skip("CPU-only build")

@@ -222,6 +222,31 @@ def test_cpu_capability_matches_torch():
         assert pgext._C.cpu_capability(dtype) == cap
 
 
+def test_cpu_capability_refuses_dtypes_that_are_never_logits():
+    for dtype in (torch.int64, torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+            pgext._C.cpu_capability(dtype)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("import torch; torch.__version__ = '2.13.0'",
+     r"pgext was built against torch 2\.14\.\d+\S*, this is torch 2\.13\.0\. .*rebuild it with this torch"),
+    ("import sys; sys.modules['pgext._C'] = None",
+     r"pgext's compiled part did not load \(.*\), with torch .*rebuild it with this torch"),
+], ids=["other_torch", "unloadable"])
+def test_import_names_the_torch_it_needs(setup, message):
+    """pgext uses torch's C++ ABI, which changes between minor releases: a
+    build for another torch, or one that does not load, is an ImportError
+    that says what to do, not an undefined symbol or a crash later."""
+    if pgext.build_mode() == "jit":
+        pytest.skip("the JIT build is compiled against the running torch")
+    proc = subprocess.run([sys.executable, "-c", f"{setup}\nimport pgext"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and re.search(message, last), proc.stderr[-2000:]
+
+
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:

@@ -276,6 +276,12 @@ def test_vocab_start_is_checked(world1, bad, kind):
         pgext.distributed.pg_error(inp.data, vocab_start=bad)
 
 
+def test_a_shard_without_classes_is_refused(world1):
+    inp = make_inputs((4,), 6)
+    with pytest.raises(ValueError, match=r"rank 0's logit shard \(4, 0\) holds no classes"):
+        pgext.distributed.pg_error((inp.logit[:, :0], inp.action, inp.return_))
+
+
 def test_uint64_action_out_of_range_is_reported_as_passed(world1):
     inp = make_inputs((4,), 6)
     action = inp.action.to(torch.uint64)

@@ -100,6 +100,39 @@ def test_action_out_of_range_small_int_dtypes(dtype):
     assert str(bad) in str(exc.value)
 
 
+def _not_dense(t, kind):
+    if kind == "sparse_coo":
+        return t.to_sparse()
+    if kind == "sparse_csr":
+        return t.reshape(1, -1).to_sparse_csr() if t.dim() < 2 else t.reshape(-1, t.shape[-1]).to_sparse_csr()
+    if kind == "nested":
+        return torch.nested.nested_tensor([t, t])
+    assert kind == "quantized"
+    return torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8)
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested", "quantized"])
+@pytest.mark.parametrize("arg", ["logit", "action", "return_", "weight"])
+def test_tensors_that_are_not_dense_raise_type_error(arg, kind):
+    """Sparse, nested and quantized tensors have no kernel: a TypeError naming
+    the argument, on every entry point, rather than the dispatcher's
+    NotImplementedError for the tensor's backend."""
+    inp = make_inputs((4,), 5, seed=207, weight=True)
+    args = dict(logit=inp.logit, action=inp.action, return_=inp.return_, weight=inp.weight)
+    if kind == "quantized" and arg == "action":
+        pytest.skip("no quantized integer dtype holds int64 class indices")
+    args[arg] = _not_dense(args[arg], kind)
+    calls = {
+        "pg_error": lambda: pgext.pg_error((args["logit"], args["action"], args["return_"]), weight=args["weight"]),
+        "torch.ops": lambda: torch.ops.pgext.pg_error(*args.values()),
+        "forward op": lambda: torch.ops.pgext.pg_error_forward(*args.values(), "mean"),
+    }
+    for name, fn in calls.items():
+        for mode in (torch.enable_grad, torch.no_grad):
+            with mode(), pytest.raises(TypeError, match=rf"{arg} must be a dense \(strided\) tensor"):
+                fn()
+
+
 @pytest.mark.parametrize("value", [2**64 - 1, 2**63], ids=str)
 def test_uint64_action_out_of_range_is_reported_as_passed(value):
     """A uint64 action is converted to int64 for the kernels, where 2**64 - 1
@@ -140,6 +173,28 @@ def test_kernel_op_inputs_are_checked():
         ops.pg_row_stats(inp.logit, inp.action, -1)
     with pytest.raises(ValueError, match="vocab_start must be >= 0, got -5"):
         ops.pg_grad_from_stats(ones, ones, inp.logit, inp.action, inp.return_, None, lse, entropy, "none", -5)
+    # float8 passes at::isFloatingType, and then failed deep inside (NotImplementedError)
+    for reduction, g in (("mean", torch.ones(())), ("none", ones)):
+        with pytest.raises(TypeError, match="must be floating point .*got Float8_e4m3fn"):
+            ops.pg_error_backward(g.to(torch.float8_e4m3fn), g, inp.logit, inp.action, inp.return_, None, lse,
+                                  entropy, reduction)
+    # the Meta kernels (FakeTensor: torch.compile, export) check as the real ones do
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (ones, inp.logit, inp.action, inp.return_, lse, entropy)]
+        with pytest.raises(ValueError, match="vocab_start must be >= 0, got -1"):
+            ops.pg_row_stats(fake[1], fake[2], -1)
+        with pytest.raises(ValueError, match="vocab_start must be >= 0, got -5"):
+            ops.pg_grad_from_stats(fake[0], fake[0], *fake[1:4], None, *fake[4:], "none", -5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64], ids=dtype_id)
+@pytest.mark.parametrize("arg", ["return_", "weight"])
+def test_per_sample_tensors_of_unsupported_dtypes_raise_type_error(arg, dtype):
+    inp = make_inputs((4,), 3, seed=208, weight=True)
+    args = dict(logit=inp.logit, action=inp.action, return_=inp.return_, weight=inp.weight)
+    args[arg] = args[arg].to(dtype)
+    with pytest.raises(TypeError, match=rf"{arg} must be float16, bfloat16, float32, float64, integer or bool"):
+        call(**args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
