@@ -6,11 +6,15 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace pgext {
 namespace {
@@ -18,41 +22,19 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// The backward node of pg_error. It is a plain autograd Node, as PyTorch's
-// own derivatives are, rather than a torch::autograd::Function: that one
-// keeps its extra state in a boxed map and wraps outputs generically, which at
-// small batches costs as much as the kernels. Saved: the inputs (no copies)
-// and the per-sample log-sum-exp and entropy, 8 bytes per sample in float32.
-struct PgErrorBackward final : public torch::autograd::TraceableFunction {
-  // Inputs of the node: the gradients of (policy_loss, entropy_loss).
-  // Outputs, in next_edges order: logit, action (never), return_, weight.
-  variable_list apply(variable_list&& grads) override;
-
-  std::string name() const override {
-    return "PgErrorBackward";
-  }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&logit_, &action_, &ret_, &weight_, &lse_, &entropy_}) {
-      v->reset_data();
-    }
-  }
-
-  SavedVariable logit_, action_, ret_, weight_, lse_, entropy_;
-  std::string reduction_;
+// The saved state of pg_error's backward node, unpacked: what its gradient
+// needs besides the upstream gradients.
+struct SavedForBackward {
+  at::Tensor logit, action, ret, weight, lse, entropy;  // weight undefined if absent
+  std::string reduction;
 };
 
-variable_list PgErrorBackward::apply(variable_list&& grads) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  const at::Tensor logit = logit_.unpack();
-  const at::Tensor action = action_.unpack();
-  const at::Tensor ret = ret_.unpack();
-  const at::Tensor weight = weight_.unpack();
-  const at::Tensor lse = lse_.unpack();
-  const at::Tensor row_entropy = entropy_.unpack();
-  const Reduction red = parse_reduction(reduction_);
-
+// The gradients of pg_error's inputs (logit, action (never), return_,
+// weight) for the upstream gradients of (policy_loss, entropy_loss), those
+// asked for by `needed`. `create_graph`: differentiable ATen ops instead of
+// the fused kernel, so that the backward can itself be differentiated.
+variable_list backward_grads(
+    const variable_list& grads, const SavedForBackward& in, const std::array<bool, 4>& needed, bool create_graph) {
   // A loss left out of what is differentiated has no gradient: it counts as 0.
   at::Tensor grad_policy = grads[0];
   at::Tensor grad_entropy = grads[1];
@@ -64,13 +46,17 @@ variable_list PgErrorBackward::apply(variable_list&& grads) {
   } else if (!grad_entropy.defined()) {
     grad_entropy = at::zeros_like(grad_policy);
   }
+  const at::Tensor& logit = in.logit;
+  const at::Tensor& action = in.action;
+  const at::Tensor& ret = in.ret;
+  const at::Tensor& weight = in.weight;
+  const at::Tensor& lse = in.lse;
+  const Reduction red = parse_reduction(in.reduction);
+  const bool need_logit = needed[0];
+  const bool need_ret = needed[2];
+  const bool need_weight = weight.defined() && needed[3];
 
-  const bool need_logit = task_should_compute_output(0);
-  const bool need_ret = task_should_compute_output(2);
-  const bool need_weight = weight.defined() && task_should_compute_output(3);
-
-  // create_graph=True: the backward must itself be differentiable.
-  if (at::GradMode::is_enabled()) {
+  if (create_graph) {
     auto g = pg_error_grads_composite(
         grad_policy, grad_entropy, logit, action, ret, weight, red, need_logit, need_ret, need_weight);
     return {g.logit, at::Tensor(), g.ret, g.weight};
@@ -84,7 +70,7 @@ variable_list PgErrorBackward::apply(variable_list&& grads) {
     // call on: go straight to the backend kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     grad_logit = ops::pg_error_backward(
-        grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, row_entropy, reduction_);
+        grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, in.entropy, in.reduction);
   }
   if (need_ret || need_weight) {
     // Per-sample gradients: log_prob is one gather away from the saved lse.
@@ -98,11 +84,120 @@ variable_list PgErrorBackward::apply(variable_list&& grads) {
     }
     if (need_weight) {
       const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), red, action);
-      grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * row_entropy).to(weight.scalar_type());
+      grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * in.entropy).to(weight.scalar_type());
     }
   }
   return {grad_logit, at::Tensor(), grad_ret, grad_weight};
 }
+
+// Compiled autograd (torch._dynamo.config.compiled_autograd) records a C++
+// node as a call of a function of the upstream gradients and packed
+// arguments. This is PgErrorBackward's; the arguments are those that
+// PgErrorBackward::apply_with_saved packs, in that order.
+variable_list backward_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  torch::dynamo::autograd::PackedArgs packed(args);
+  SavedForBackward in;
+  in.logit = packed.unpack<at::Tensor>();
+  in.action = packed.unpack<at::Tensor>();
+  in.ret = packed.unpack<at::Tensor>();
+  in.weight = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
+  in.lse = packed.unpack<at::Tensor>();
+  in.entropy = packed.unpack<at::Tensor>();
+  in.reduction = packed.unpack<std::string>();
+  const auto needed = packed.unpack<std::vector<bool>>();
+  const bool create_graph = packed.unpack<bool>();
+  return backward_grads(grads, in, {needed[0], needed[1], needed[2], needed[3]}, create_graph);
+}
+
+constexpr const char* kFunctionalName = "pgext_PgErrorBackward";
+
+// The backward node of pg_error. It is a plain autograd Node, as PyTorch's
+// own derivatives are, rather than a torch::autograd::Function: that one
+// keeps its extra state in a boxed map and wraps outputs generically, which at
+// small batches costs as much as the kernels. Saved: the inputs (no copies)
+// and the per-sample log-sum-exp and entropy, 8 bytes per sample in float32.
+struct PgErrorBackward final : public torch::autograd::TraceableFunction {
+  // Inputs of the node: the gradients of (policy_loss, entropy_loss).
+  // Outputs, in next_edges order: logit, action (never), return_, weight.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const SavedForBackward in{logit_.unpack(), action_.unpack(), ret_.unpack(), weight_.unpack(),
+                              lse_.unpack(),   entropy_.unpack(), reduction_};
+    // create_graph=True: the engine runs backward with grad mode on
+    return backward_grads(grads, in, needed(), at::GradMode::is_enabled());
+  }
+
+  std::string name() const override {
+    return "PgErrorBackward";
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : saved()) {
+      v->reset_data();
+    }
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&logit_, &action_, &ret_, &weight_, &lse_, &entropy_}) {
+      args.collect(*v, /*is_output=*/false);
+    }
+    args.collect(reduction_);
+  }
+
+  variable_list apply_with_saved(
+      const variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (SavedVariable* v : this->saved()) {
+      saved.before(*v);
+    }
+    saved.before(reduction_);
+    torch::dynamo::autograd::PackedArgs packed;
+    packed.pack(logit_.unpack());
+    packed.pack(action_.unpack());
+    packed.pack(ret_.unpack());
+    const at::Tensor weight = weight_.unpack();
+    packed.pack(weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt);
+    packed.pack(lse_.unpack());
+    packed.pack(entropy_.unpack());
+    packed.pack(reduction_);
+    const auto need = needed();
+    packed.pack(std::vector<bool>(need.begin(), need.end()));
+    packed.pack(at::GradMode::is_enabled());
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    // The function is bound once per process, under a fixed name, with the
+    // types of the arguments above (weight: an optional tensor).
+    static std::once_flag bound;
+    std::call_once(bound, [&] {
+      using at::TensorType;
+      const auto tensor = TensorType::get();
+      std::vector<at::TypePtr> schema = {
+          tensor, tensor, tensor, at::OptionalType::create(tensor), tensor, tensor, at::StringType::get(),
+          at::ListType::create(at::BoolType::get()), at::BoolType::get()};
+      py->bind_function(saved.get_py_compiler(), kFunctionalName, backward_functional, schema);
+    });
+    const auto output_metadata =
+        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges()));
+    variable_list result = py->call_function(
+        saved.get_py_compiler(), "apply_functional", kFunctionalName, grads, packed.vec(), output_metadata);
+    for (SavedVariable* v : this->saved()) {
+      saved.after(*v);
+    }
+    saved.after(reduction_);
+    return result;
+  }
+
+  SavedVariable logit_, action_, ret_, weight_, lse_, entropy_;
+  std::string reduction_;
+
+ private:
+  std::array<SavedVariable*, 6> saved() {
+    return {&logit_, &action_, &ret_, &weight_, &lse_, &entropy_};
+  }
+  std::array<bool, 4> needed() const {
+    return {task_should_compute_output(0), false, task_should_compute_output(2), task_should_compute_output(3)};
+  }
+};
 
 // Forward mode: the tangents of pg_error's outputs (the two losses, then the
 // per-sample lse and entropy where asked for) when an input carries one.

@@ -175,6 +175,35 @@ def test_compile_full_training_step(dynamo_reset):
     assert_close(x1.grad, x0.grad, scale=x0.grad.abs().max(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_compiled_autograd(dynamo_reset, reduction, weighted):
+    """Compiled autograd (torch._dynamo.config.compiled_autograd) over a graph
+    built eagerly: pgext's backward node is recorded as a call of its
+    functional form (compiled_args, apply_with_saved), which gives the eager
+    gradients bit for bit. It raised NotImplementedError before."""
+    from torch._dynamo.utils import counters
+
+    inp = make_inputs((6,), 9, seed=307, weight=weighted, mask=0.2)
+    leaves = [inp.logit.clone().requires_grad_(), inp.return_.clone().requires_grad_()]
+    if weighted:
+        leaves.append(inp.weight.clone().requires_grad_())
+
+    def total():
+        loss = pgext.pg_error((leaves[0], inp.action, leaves[1]), weight=leaves[2] if weighted else None,
+                              reduction=reduction)
+        return (loss.policy_loss - 0.01 * loss.entropy_loss).sum()
+
+    want = torch.autograd.grad(total(), leaves)
+    loss = total()
+    counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(lambda: loss.backward(), backend="aot_eager")()
+    assert counters["compiled_autograd"]["captures"] == 1
+    for leaf, g in zip(leaves, want):
+        assert torch.equal(leaf.grad, g)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_inductor(dynamo_reset, reduction):
