@@ -67,6 +67,58 @@ PgGrads pg_error_grads_composite(
   return out;
 }
 
+PgGradVjp pg_error_grad_logit_vjp_composite(
+    const at::Tensor& v,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& weight,
+    Reduction reduction,
+    const std::array<bool, 5>& need) {
+  const auto acc = acc_type(logit.scalar_type());
+  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(logit.to(acc), action);
+  const at::Tensor vv = v.to(acc);
+  const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
+  const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
+  const at::Tensor r = ret.to(acc);
+  const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, p.options());
+  // G = c_pol (p - onehot) - c_ent p s per row, with c_pol = g_pol w r,
+  // c_ent = g_ent w and s = log p + H; so <v, G> = c_pol A + c_ent B with
+  const at::Tensor s = logp_safe + entropy.unsqueeze(-1);
+  const at::Tensor onehot = at::zeros_like(p).scatter(-1, index, 1.0);
+  const at::Tensor a = (vv * (p - onehot)).sum(-1);
+  const at::Tensor b = -(vv * p * s).sum(-1);
+  // The adjoint of scale_for_reduction and of the broadcast of a 0-d
+  // upstream gradient over the rows.
+  const auto reduced = [&](const at::Tensor& t) {
+    return reduction == Reduction::None ? t : scale_for_reduction(t.sum(), reduction, action);
+  };
+  PgGradVjp out;
+  if (need[0]) {
+    out.grad_policy = reduced(a * w * r).to(grad_policy.scalar_type());
+  }
+  if (need[1]) {
+    out.grad_entropy = reduced(b * w).to(grad_entropy.scalar_type());
+  }
+  if (need[2]) {
+    // with dp_j/dx_k = p_j (d_jk - p_k) and dH/dx_k = -p_k s_k:
+    //   d<v, G>/dx_k = c_pol p_k (v_k - <v, p>) - c_ent p_k ((v_k - <v, p>) (1 + s_k) - <v, p s>)
+    const at::Tensor centered = vv - (vv * p).sum(-1, /*keepdim=*/true);
+    const at::Tensor c_pol = (g_pol * w * r).unsqueeze(-1);
+    const at::Tensor c_ent = (g_ent * w).unsqueeze(-1);
+    out.logit = (p * (c_pol * centered - c_ent * (centered * (1 + s) + b.unsqueeze(-1)))).to(logit.scalar_type());
+  }
+  if (need[3]) {
+    out.ret = (a * g_pol * w).to(ret.scalar_type());
+  }
+  if (need[4] && weight.defined()) {
+    out.weight = (a * g_pol * r + b * g_ent).to(weight.scalar_type());
+  }
+  return out;
+}
+
 PgTangents pg_error_tangents_composite(
     const at::Tensor& logit,
     const at::Tensor& action,

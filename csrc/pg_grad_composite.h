@@ -1,8 +1,11 @@
 #pragma once
-// pg_error's derivatives written with differentiable ATen ops: the backward
-// for create_graph=True (second-order gradients, e.g. MAML-style meta-RL; the
-// fused backward kernel is not itself differentiable), and forward mode.
+// pg_error's derivatives written with differentiable ATen ops: the
+// derivative of the fused backward kernel's gradient (second and higher
+// order, e.g. MAML-style meta-RL), the per-sample gradients under
+// create_graph=True, and forward mode.
 #include "pg_checks.h"
+
+#include <array>
 
 namespace pgext {
 
@@ -25,6 +28,31 @@ PgGrads pg_error_grads_composite(
     bool need_logit,
     bool need_ret,
     bool need_weight);
+
+struct PgGradVjp {
+  at::Tensor grad_policy;
+  at::Tensor grad_entropy;
+  at::Tensor logit;
+  at::Tensor ret;
+  at::Tensor weight;
+};
+
+// The vector-Jacobian product of the logits' gradient G (the `logit` of
+// pg_error_grads_composite) with v (G's shape): the gradients of <v, G> with
+// respect to the inputs G is computed from, those asked for (need: upstream
+// gradients of the two losses, logit, return_, weight), in closed form with
+// differentiable ATen ops: the backward of pg_error_backward, for second and
+// higher order.
+PgGradVjp pg_error_grad_logit_vjp_composite(
+    const at::Tensor& v,
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& weight,
+    Reduction reduction,
+    const std::array<bool, 5>& need);
 
 struct PgTangents {
   at::Tensor policy;

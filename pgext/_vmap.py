@@ -53,7 +53,7 @@ def _at_least(t, dtype):
 
 def _reduce(rows, reduction, count, dtype):
     """Per-entry sum (or mean) of rows (B, *samples), in float64, rounded to dtype."""
-    total = rows.to(torch.float64).sum(dim=tuple(range(1, rows.dim())))
+    total = rows.sum(dim=tuple(range(1, rows.dim())), dtype=torch.float64)
     if reduction == "mean":
         total = total / count  # 0 / 0 = NaN: the mean of no samples
     return total.to(dtype)
@@ -147,3 +147,12 @@ def register() -> None:
     _LIB = torch.library.Library("pgext", "FRAGMENT")
     for name, rule in _RULES.items():
         torch.library.register_vmap(f"pgext::{name}", rule, lib=_LIB)
+
+
+def unregister() -> None:
+    """Removes the rules (vmap falls back to one call per entry): for
+    benchmarks/vmap_ensemble.py, which compares the two."""
+    global _LIB
+    if _LIB is not None:
+        _LIB._destroy()
+        _LIB = None

@@ -107,11 +107,15 @@ def _not_dense(t, kind):
         return t.reshape(1, -1).to_sparse_csr() if t.dim() < 2 else t.reshape(-1, t.shape[-1]).to_sparse_csr()
     if kind == "nested":
         return torch.nested.nested_tensor([t, t])
+    if kind == "jagged":  # a Python tensor subclass (NestedTensor)
+        return torch.nested.nested_tensor([t, t], layout=torch.jagged)
     assert kind == "quantized"
     return torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8)
 
 
-@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested", "quantized"])
+# constructing them warns (beta, prototype, deprecated): torch's notices, not pgext's
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested", "jagged", "quantized"])
 @pytest.mark.parametrize("arg", ["logit", "action", "return_", "weight"])
 def test_tensors_that_are_not_dense_raise_type_error(arg, kind):
     """Sparse, nested and quantized tensors have no kernel: a TypeError naming

@@ -202,3 +202,22 @@ def test_bad_input_raises_under_vmap():
         vmap(lambda *a: losses(*a, reduction="avg"))(inp.logit, inp.action, inp.return_)
     with pytest.raises(ValueError, match="shape"):
         vmap(losses, in_dims=(0, 0, None))(inp.logit, inp.action, inp.return_[:, :2])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradient_of_a_vmapped_loss(reduction):
+    """grad(vmap): the rules run inside autograd, their 'none' call and sums
+    are differentiated as any ATen ops are (float64 gradcheck too)."""
+    inp = make_inputs((ENTRIES, 4), 5, torch.float64, seed=9, weight=True)
+
+    def vmapped(logit):
+        policy, entropy = vmap(lambda x, a, r, w: losses(x, a, r, w, reduction))(
+            logit, inp.action, inp.return_, inp.weight)
+        return (policy - 0.3 * entropy).sum()
+
+    def looped(logit):
+        terms = [losses(logit[i], inp.action[i], inp.return_[i], inp.weight[i], reduction) for i in range(ENTRIES)]
+        return sum((p - 0.3 * e).sum() for p, e in terms)
+
+    assert_close(grad(vmapped)(inp.logit), grad(looped)(inp.logit), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(vmapped, (inp.logit.clone().requires_grad_(),))
