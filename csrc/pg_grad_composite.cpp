@@ -28,6 +28,33 @@ RowTerms row_terms(const at::Tensor& x, const at::Tensor& action) {
   return t;
 }
 
+// What the gradient of the logits is made of, in the accumulation type: the
+// row terms, and per row (or 0-d, broadcast) the upstream gradients scaled
+// for the reduction, the return and the weight (1 without one). The
+// gradient is G = c_pol (p - onehot) - c_ent p s, with c_pol = g_pol w r,
+// c_ent = g_ent w and s = log p + H.
+struct GradTerms {
+  RowTerms rows;
+  at::Tensor g_pol, g_ent, r, w;
+};
+
+GradTerms grad_terms(
+    const at::Tensor& grad_policy,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const at::Tensor& weight,
+    Reduction reduction) {
+  const auto acc = acc_type(logit.scalar_type());
+  GradTerms t{row_terms(logit.to(acc), action)};
+  t.g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
+  t.g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
+  t.r = ret.to(acc);
+  t.w = weight.defined() ? weight.to(acc) : at::ones({}, t.rows.p.options());
+  return t;
+}
+
 }  // namespace
 
 PgGrads pg_error_grads_composite(
@@ -41,15 +68,9 @@ PgGrads pg_error_grads_composite(
     bool need_logit,
     bool need_ret,
     bool need_weight) {
-  const auto acc = acc_type(logit.scalar_type());
-  const at::Tensor x = logit.to(acc);
-  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(x, action);
-
-  const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
-  const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
-  const at::Tensor r = ret.to(acc);
-  const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, x.options());
-
+  const auto [rows, g_pol, g_ent, r, w] =
+      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction);
+  const auto& [p, logp_safe, entropy, logp_action, index] = rows;
   PgGrads out;
   if (need_logit) {
     const at::Tensor c_pol = (g_pol * w * r).unsqueeze(-1);
@@ -77,15 +98,11 @@ PgGradVjp pg_error_grad_logit_vjp_composite(
     const at::Tensor& weight,
     Reduction reduction,
     const std::array<bool, 5>& need) {
-  const auto acc = acc_type(logit.scalar_type());
-  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(logit.to(acc), action);
-  const at::Tensor vv = v.to(acc);
-  const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
-  const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
-  const at::Tensor r = ret.to(acc);
-  const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, p.options());
-  // G = c_pol (p - onehot) - c_ent p s per row, with c_pol = g_pol w r,
-  // c_ent = g_ent w and s = log p + H; so <v, G> = c_pol A + c_ent B with
+  const auto [rows, g_pol, g_ent, r, w] =
+      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction);
+  const auto& [p, logp_safe, entropy, logp_action, index] = rows;
+  const at::Tensor vv = v.to(p.scalar_type());
+  // With G as in grad_terms, <v, G> = c_pol A + c_ent B per row, where
   const at::Tensor s = logp_safe + entropy.unsqueeze(-1);
   const at::Tensor onehot = at::zeros_like(p).scatter(-1, index, 1.0);
   const at::Tensor a = (vv * (p - onehot)).sum(-1);
