@@ -31,8 +31,9 @@ struct SavedForBackward {
 
 // The gradients of pg_error's inputs (logit, action (never), return_,
 // weight) for the upstream gradients of (policy_loss, entropy_loss), those
-// asked for by `needed`. `create_graph`: differentiable ATen ops instead of
-// the fused kernel, so that the backward can itself be differentiated.
+// asked for by `needed`. `create_graph`: results that can themselves be
+// differentiated (the fused kernel through its Autograd kernel, the
+// per-sample gradients in ATen ops).
 variable_list backward_grads(
     const variable_list& grads, const SavedForBackward& in, const std::array<bool, 4>& needed, bool create_graph) {
   // A loss left out of what is differentiated has no gradient: it counts as 0.
