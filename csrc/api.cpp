@@ -13,11 +13,12 @@
 
 namespace pgext {
 
-// From cpu/pg_cpu_kernel.h, which cannot be included here: it brings
-// pg_checks.h, whose internal Reduction enum is the public one's twin.
+// From cpu/pg_cpu_kernel.h and pg_checks.h, which cannot be included here:
+// pg_checks.h's internal Reduction enum is the public one's twin.
 namespace cpu {
 const char* active_capability(at::ScalarType dtype);
 }  // namespace cpu
+bool is_supported_float(at::ScalarType t);
 
 const char* reduction_name(Reduction reduction) {
   switch (reduction) {
@@ -58,8 +59,7 @@ bool cuda_compiled() {
 
 const char* cpu_capability(at::ScalarType logit_dtype) {
   TORCH_CHECK_TYPE(
-      logit_dtype == at::kFloat || logit_dtype == at::kDouble || logit_dtype == at::kHalf ||
-          logit_dtype == at::kBFloat16,
+      is_supported_float(logit_dtype),
       "pgext::cpu_capability: logits are float16, bfloat16, float32 or float64, got ", logit_dtype);
   return cpu::active_capability(logit_dtype);
 }

@@ -24,14 +24,11 @@ Reduction parse_reduction(c10::string_view reduction) {
       false, "pg_error: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
 }
 
-namespace {
-
-// The floating dtypes pgext computes with. at::isFloatingType also admits
-// float8, which type promotion and the kernels' dispatch reject later with
-// errors that name neither the argument nor the problem.
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
+
+namespace {
 
 bool is_real_number_type(at::ScalarType t) {
   return is_supported_float(t) || at::isIntegralType(t, /*includeBool=*/true);
@@ -68,10 +65,9 @@ void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>
 
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
   TORCH_CHECK_VALUE(logit.defined() && action.defined(), "pg_error: logit and action must be tensors");
-  const auto ldt = logit.scalar_type();
   TORCH_CHECK_TYPE(
-      ldt == at::kFloat || ldt == at::kDouble || ldt == at::kHalf || ldt == at::kBFloat16,
-      "pg_error: logit must be float16, bfloat16, float32 or float64, got ", ldt);
+      is_supported_float(logit.scalar_type()),
+      "pg_error: logit must be float16, bfloat16, float32 or float64, got ", logit.scalar_type());
   TORCH_CHECK_VALUE(
       logit.dim() >= 1, "pg_error: logit must have at least one dimension (..., N), got a 0-d tensor");
   TORCH_CHECK_VALUE(

@@ -16,6 +16,12 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 // ValueError unless `reduction` is 'mean', 'sum' or 'none'.
 Reduction parse_reduction(c10::string_view reduction);
 
+// The floating dtypes pgext computes with (logits, statistics, gradients).
+// at::isFloatingType also admits float8, which type promotion and the
+// kernels' dispatch reject later with errors that name neither the argument
+// nor the problem.
+bool is_supported_float(at::ScalarType t);
+
 // TypeError for a sparse, nested, quantized or MKLDNN tensor (undefined ones
 // pass): the kernels read dense memory, and the dispatcher would otherwise
 // fail on the tensor's backend with a NotImplementedError naming no argument.

@@ -68,29 +68,23 @@ def _samples_per_entry(action):
     return math.prod(action.shape[1:])
 
 
-def _pg_error(info, in_dims, logit, action, return_, weight=None, reduction="mean"):
-    logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
-    if reduction not in _REDUCED:
-        return tuple(torch.ops.pgext.pg_error(logit, action, return_, weight, reduction)), (0, 0)
-    dtype = _loss_dtype(logit, return_, weight)
-    acc = _acc_dtype(logit.dtype)
-    policy, entropy = torch.ops.pgext.pg_error(
-        logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
-    count = _samples_per_entry(action)
-    return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype)), (0, 0)
+def _losses_rule(op, outputs: int):
+    """The rule of pg_error (op returns the two losses) or pg_error_forward
+    (and the per-sample lse and entropy, passed on as they are)."""
+    out_dims = (0,) * outputs
 
+    def rule(info, in_dims, logit, action, return_, weight=None, reduction="mean"):
+        logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
+        if reduction not in _REDUCED:
+            return tuple(op(logit, action, return_, weight, reduction)), out_dims
+        dtype = _loss_dtype(logit, return_, weight)
+        acc = _acc_dtype(logit.dtype)
+        policy, entropy, *per_sample = op(logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
+        count = _samples_per_entry(action)
+        return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype),
+                *per_sample), out_dims
 
-def _pg_error_forward(info, in_dims, logit, action, return_, weight, reduction):
-    logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
-    if reduction not in _REDUCED:
-        return tuple(torch.ops.pgext.pg_error_forward(logit, action, return_, weight, reduction)), (0, 0, 0, 0)
-    dtype = _loss_dtype(logit, return_, weight)
-    acc = _acc_dtype(logit.dtype)
-    policy, entropy, lse, row_entropy = torch.ops.pgext.pg_error_forward(
-        logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
-    count = _samples_per_entry(action)
-    return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype),
-            lse, row_entropy), (0, 0, 0, 0)
+    return rule
 
 
 def _per_sample_grad(grad, reduction, action):
@@ -129,13 +123,6 @@ def _pg_row_stats(info, in_dims, logit, action, vocab_start=0):
     return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start)), (0, 0, 0, 0)
 
 
-_RULES = {
-    "pg_error": _pg_error,
-    "pg_error_forward": _pg_error_forward,
-    "pg_error_backward": _pg_error_backward,
-    "pg_row_stats": _pg_row_stats,
-    "pg_grad_from_stats": _pg_grad_from_stats,
-}
 _LIB = None
 
 
@@ -144,8 +131,15 @@ def register() -> None:
     global _LIB
     if _LIB is not None:
         return
+    rules = {  # built here: the ops exist once the extension is loaded
+        "pg_error": _losses_rule(torch.ops.pgext.pg_error, 2),
+        "pg_error_forward": _losses_rule(torch.ops.pgext.pg_error_forward, 4),
+        "pg_error_backward": _pg_error_backward,
+        "pg_row_stats": _pg_row_stats,
+        "pg_grad_from_stats": _pg_grad_from_stats,
+    }
     _LIB = torch.library.Library("pgext", "FRAGMENT")
-    for name, rule in _RULES.items():
+    for name, rule in rules.items():
         torch.library.register_vmap(f"pgext::{name}", rule, lib=_LIB)
 
 
