@@ -7,6 +7,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <string>
+
 #ifndef PGEXT_WITH_CUDA
 #define PGEXT_WITH_CUDA 0
 #endif
@@ -19,6 +22,18 @@ namespace cpu {
 const char* active_capability(at::ScalarType dtype);
 }  // namespace cpu
 bool is_supported_float(at::ScalarType t);
+[[noreturn]] void throw_action_out_of_range(const std::string& message);
+
+namespace {
+std::atomic<detail::ActionErrorHandler> action_error_handler{nullptr};
+}  // namespace
+
+void throw_action_out_of_range(const std::string& message) {
+  if (const auto handler = action_error_handler.load()) {
+    handler(message);  // throws
+  }
+  TORCH_CHECK_INDEX(false, message);
+}
 
 const char* reduction_name(Reduction reduction) {
   switch (reduction) {
@@ -65,6 +80,10 @@ const char* cpu_capability(at::ScalarType logit_dtype) {
 }
 
 namespace detail {
+void set_action_error_handler(ActionErrorHandler handler) noexcept {
+  action_error_handler.store(handler);
+}
+
 int64_t link_anchor() noexcept {
   return 1;
 }

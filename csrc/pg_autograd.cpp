@@ -89,18 +89,20 @@ variable_list backward_grads(
         grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, in.entropy, in.reduction);
   }
   if (need_ret || need_weight) {
-    // Per-sample gradients: log_prob is one gather away from the saved lse.
-    const auto acc = lse.scalar_type();
+    // Per-sample gradients: log_prob is one gather away from the saved lse
+    // (float64, so that x_a - lse is exact whatever the logits' magnitude).
+    const auto acc = acc_type(logit.scalar_type());
     const at::Tensor log_prob =
-        logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(acc) - lse;
+        (logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(at::kDouble) - lse).to(acc);
     const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
     if (need_ret) {
-      const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, lse.options());
-      grad_ret = (-g_pol * w * log_prob).to(ret.scalar_type());
+      const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, log_prob.options());
+      grad_ret = sum_to_shape_of(-g_pol * w * log_prob, ret).to(ret.scalar_type());
     }
     if (need_weight) {
       const at::Tensor g_ent = scale_for_reduction(grad_entropy.to(acc), red, action);
-      grad_weight = (-g_pol * ret.to(acc) * log_prob + g_ent * in.entropy).to(weight.scalar_type());
+      grad_weight =
+          sum_to_shape_of(-g_pol * ret.to(acc) * log_prob + g_ent * in.entropy, weight).to(weight.scalar_type());
     }
   }
   return {grad_logit, at::Tensor(), grad_ret, grad_weight};
@@ -131,7 +133,8 @@ constexpr const char* kFunctionalName = "pgext_PgErrorBackward";
 // own derivatives are, rather than a torch::autograd::Function: that one
 // keeps its extra state in a boxed map and wraps outputs generically, which at
 // small batches costs as much as the kernels. Saved: the inputs (no copies)
-// and the per-sample log-sum-exp and entropy, 8 bytes per sample in float32.
+// and the per-sample log-sum-exp (float64) and entropy: 12 bytes per sample
+// for float32 logits.
 struct PgErrorBackward final : public torch::autograd::TraceableFunction {
   // Inputs of the node: the gradients of (policy_loss, entropy_loss).
   // Outputs, in next_edges order: logit, action (never), return_, weight.
@@ -239,7 +242,8 @@ void set_forward_tangents(
   const at::Tensor tangents[] = {t.policy, t.entropy, t.lse, t.row_entropy};
   for (size_t i = 0; i < outputs.size(); ++i) {
     if (tangents[i].defined()) {
-      out[i]->_set_fw_grad(tangents[i], /*level=*/0, /*is_inplace_op=*/false);
+      // the tangent in its primal's dtype (lse is float64)
+      out[i]->_set_fw_grad(tangents[i].to(out[i]->scalar_type()), /*level=*/0, /*is_inplace_op=*/false);
     }
   }
 }

@@ -30,9 +30,10 @@
 
 namespace pgext {
 
-// Per-row outputs of a forward kernel, all (rows,) in the accumulation dtype.
+// Per-row outputs of a forward kernel, all (rows,) in the accumulation dtype
+// but lse.
 struct ForwardRows {
-  at::Tensor lse;               // log-sum-exp: saved for backward
+  at::Tensor lse;               // log-sum-exp, float64 (math::saved_lse): saved for backward
   at::Tensor entropy;           // entropy: saved for backward
   at::Tensor policy;            // -w * R * log_prob, before reduction
   at::Tensor entropy_weighted;  // w * H, before reduction
@@ -45,7 +46,7 @@ struct BackwardRows {
   // gradient as given, of any floating dtype.
   at::Tensor grad_policy;
   at::Tensor grad_entropy;
-  at::Tensor lse;           // (rows,) contiguous, accumulation dtype
+  at::Tensor lse;           // (rows,) contiguous, float64
   at::Tensor entropy;       // (rows,) contiguous, accumulation dtype
   double inv_count;         // 1 / rows for reduction 'mean', else 1
   // pg_grad_from_stats: the row holds classes [vocab_start, vocab_start + n)
@@ -79,7 +80,7 @@ struct BackendOps {
 
     const auto stats = stats_options(logit);
     ForwardRows out{
-        Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats),
+        Backend::empty({in.rows}, logit.options().dtype(at::kDouble)), Backend::empty({in.rows}, stats),
         Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats)};
     Backend::forward(in, out);
     auto [policy, entropy] = Backend::reduce(
@@ -172,7 +173,7 @@ struct BackendOps {
     const BackwardRows rows{
         Backend::upstream_grad(grad_policy, in.rows, acc),
         Backend::upstream_grad(grad_entropy, in.rows, acc),
-        as_rows(lse, in.rows, acc),
+        as_rows(lse, in.rows, at::kDouble),
         as_rows(entropy, in.rows, acc),
         inv_count,
         shard_vocab_start};

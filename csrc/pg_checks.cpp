@@ -1,6 +1,7 @@
 #include "pg_checks.h"
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/ops/div.h>
 #include <c10/core/ScalarType.h>
@@ -34,16 +35,36 @@ bool is_real_number_type(at::ScalarType t) {
   return is_supported_float(t) || at::isIntegralType(t, /*includeBool=*/true);
 }
 
+// Whether `t` broadcasts to action's shape without changing it (numpy's
+// rules, aligned at the trailing dimension): a centralized critic's (B, 1)
+// return against (B, A) actions does, a (B, 1) return against (B,) actions
+// does not (it would grow the product to (B, B), as the notebook silently does).
+bool broadcasts_to_action(const at::Tensor& t, const at::Tensor& action) {
+  const auto ts = t.sym_sizes();
+  const auto as = action.sym_sizes();
+  if (ts.size() > as.size()) {
+    return false;
+  }
+  const size_t lead = as.size() - ts.size();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i] != 1 && ts[i] != as[lead + i]) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& action, const at::Tensor& logit) {
   TORCH_CHECK_TYPE(
       is_real_number_type(t.scalar_type()),
       "pg_error: ", name, " must be float16, bfloat16, float32, float64, integer or bool, got dtype ",
       t.scalar_type());
   TORCH_CHECK_VALUE(
-      t.sym_sizes() == action.sym_sizes(),
-      "pg_error: ", name, " must have the shape of action ", action.sym_sizes(), ", got ",
-      t.sym_sizes(), " (pgext does not broadcast per-sample terms: a (B, 1) tensor against (B,) "
-      "actions would silently form a (B, B) product)");
+      broadcasts_to_action(t, action),
+      "pg_error: ", name, " must have the shape of action ", action.sym_sizes(),
+      " or broadcast to it without changing it, got ", t.sym_sizes(),
+      " (a broadcast that grows the per-sample shape, such as a (B, 1) tensor against (B,) actions, "
+      "would silently form a (B, B) product)");
   TORCH_CHECK_VALUE(
       t.device() == logit.device(),
       "pg_error: ", name, " is on ", t.device(), " but logit is on ", logit.device());
@@ -226,6 +247,14 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, at::ScalarType type) {
   return converted_to(t.dim() == 1 ? t : t.reshape({rows}), type).contiguous();
 }
 
+at::Tensor expand_to_action(const at::Tensor& t, const at::Tensor& action) {
+  return t.sizes() == action.sizes() ? t : t.expand(action.sizes());
+}
+
+at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.sym_sizes() == like.sym_sizes() ? grad : at::sum_to(grad, like.sym_sizes());
+}
+
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
   RowInputs in;
   in.n = logit.size(-1);
@@ -243,9 +272,9 @@ RowInputs flatten_rows(
     const std::optional<at::Tensor>& weight) {
   RowInputs in = flatten_logit_and_action(logit, action);
   const auto acc = acc_type(logit.scalar_type());
-  in.ret = as_rows(ret, in.rows, acc);
+  in.ret = as_rows(expand_to_action(ret, action), in.rows, acc);
   if (weight.has_value() && weight->defined()) {
-    in.weight = as_rows(*weight, in.rows, acc);
+    in.weight = as_rows(expand_to_action(*weight, action), in.rows, acc);
   }
   return in;
 }

@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <initializer_list>
+#include <string>
 #include <optional>
 #include <utility>
 
@@ -32,11 +33,18 @@ void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
 
 // ValueError / TypeError naming the offending shapes, dtypes or devices.
+// return_ and weight have action's shape or broadcast to it without changing
+// it (torch.broadcast_shapes(t.shape, action.shape) == action.shape).
 void check_inputs(
     const at::Tensor& logit,
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight);
+
+// Reports an action outside [0, N): through the handler set with
+// pgext::detail::set_action_error_handler, else as a c10::IndexError
+// (defined in api.cpp, beside the handler).
+[[noreturn]] void throw_action_out_of_range(const std::string& message);
 
 // A shard's first class id: class ids are int64 and never negative.
 void check_vocab_start(int64_t vocab_start);
@@ -79,6 +87,13 @@ struct RowInputs {
   int64_t rows = 0;
   int64_t n = 0;
 };
+
+// A per-sample tensor that passed check_inputs, expanded (a view) to action's shape.
+at::Tensor expand_to_action(const at::Tensor& t, const at::Tensor& action);
+
+// The gradient of a per-sample tensor of shape `like`, from its gradient at
+// action's shape: summed over the broadcast dimensions.
+at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like);
 
 // Flattens validated logit and action to rows (ret and weight left undefined).
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action);

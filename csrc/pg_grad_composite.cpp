@@ -80,10 +80,10 @@ PgGrads pg_error_grads_composite(
     out.logit = g.to(logit.scalar_type());
   }
   if (need_ret) {
-    out.ret = (-g_pol * w * logp_action).to(ret.scalar_type());
+    out.ret = sum_to_shape_of(-g_pol * w * logp_action, ret).to(ret.scalar_type());
   }
   if (need_weight && weight.defined()) {
-    out.weight = (-g_pol * r * logp_action + g_ent * entropy).to(weight.scalar_type());
+    out.weight = sum_to_shape_of(-g_pol * r * logp_action + g_ent * entropy, weight).to(weight.scalar_type());
   }
   return out;
 }
@@ -128,10 +128,10 @@ PgGradVjp pg_error_grad_logit_vjp_composite(
     out.logit = (p * (c_pol * centered - c_ent * (centered * (1 + s) + b.unsqueeze(-1)))).to(logit.scalar_type());
   }
   if (need[3]) {
-    out.ret = (a * g_pol * w).to(ret.scalar_type());
+    out.ret = sum_to_shape_of(a * g_pol * w, ret).to(ret.scalar_type());
   }
   if (need[4] && weight.defined()) {
-    out.weight = (a * g_pol * r + b * g_ent).to(weight.scalar_type());
+    out.weight = sum_to_shape_of(a * g_pol * r + b * g_ent, weight).to(weight.scalar_type());
   }
   return out;
 }

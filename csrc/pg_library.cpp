@@ -7,8 +7,10 @@ TORCH_LIBRARY(pgext, m) {
   m.def(
       "pg_error(Tensor logit, Tensor action, Tensor return_, Tensor? weight=None, "
       "str reduction='mean') -> (Tensor policy_loss, Tensor entropy_loss)");
-  // Forward kernel: the two losses plus the per-sample log-sum-exp and entropy
-  // that backward needs (shape of action, float32; float64 for float64 logits).
+  // Forward kernel: the two losses plus the per-sample log-sum-exp (float64,
+  // exact enough for backward to form x - lse at any magnitude) and entropy
+  // (float32; float64 for float64 logits) that backward needs, of action's shape.
+  // return_ and weight have action's shape or broadcast to it without changing it.
   m.def(
       "pg_error_forward(Tensor logit, Tensor action, Tensor return_, Tensor? weight, "
       "str reduction) -> (Tensor policy_loss, Tensor entropy_loss, Tensor lse, Tensor entropy)");

@@ -140,24 +140,56 @@ C10_HOST_DEVICE inline void online_update(RowStats<acc_t>& st, acc_t x) {
   st.u += e * d;
 }
 
-// log-sum-exp and entropy of a finished row. A row whose logits are all -inf
-// has no distribution: lse = -inf and H = NaN, which propagate honestly.
+// A finished row: log S (S = sum_j exp(x_j - m)) and the entropy. A row whose
+// logits are all -inf has no distribution: log S = -inf and H = NaN, which
+// propagate honestly.
 template <typename acc_t>
 struct RowResult {
-  acc_t lse;
+  acc_t log_s;
   acc_t entropy;
 };
 
 template <typename acc_t>
 C10_HOST_DEVICE inline RowResult<acc_t> finish_row(RowStats<acc_t> st) {
   const acc_t log_s = log_(st.s);
-  return {st.m + log_s, log_s - st.u / st.s};
+  return {log_s, log_s - st.u / st.s};
+}
+
+// log p(a) = (x_a - m) - log S. Never x_a - lse: lse = m + log S rounds to
+// the ulp of the logits' magnitude (2e-3 at 3e4 in float32), which would be
+// the log-probability's error; x_a - m is exact wherever p(a) is not tiny.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t log_prob(acc_t x_action, acc_t m, acc_t log_s) {
+  return (x_action - m) - log_s;
+}
+
+// The log-sum-exp saved for backward, in float64 whatever acc_t: m + log S
+// exactly (to 2^-53), so that backward can recover x - lse to acc_t's rounding.
+template <typename acc_t>
+C10_HOST_DEVICE inline double saved_lse(acc_t m, acc_t log_s) {
+  return static_cast<double>(m) + static_cast<double>(log_s);
+}
+
+// A saved lse as hi + lo in acc_t: x - hi is exact for the logits that matter
+// (Sterbenz), so (x - hi) - lo is x - lse to one rounding. An infinite lse (a
+// fully masked or overflowing row) keeps lo = 0 rather than inf - inf.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi;
+  acc_t lo;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline SplitLse<acc_t> split_lse(double lse) {
+  const acc_t hi = static_cast<acc_t>(lse);
+  const bool finite = hi - hi == acc_t(0);
+  return {hi, finite ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0)};
 }
 
 // Per-row loss terms before reduction.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t policy_term(acc_t x_action, acc_t lse, acc_t ret, acc_t w) {
-  return -w * ret * (x_action - lse);
+C10_HOST_DEVICE inline acc_t policy_term(acc_t log_prob_action, acc_t ret, acc_t w) {
+  return -w * ret * log_prob_action;
 }
 
 template <typename acc_t>
@@ -165,7 +197,7 @@ C10_HOST_DEVICE inline acc_t entropy_term(acc_t entropy, acc_t w) {
   return w * entropy;
 }
 
-// Backward: with p_j = exp(x_j - lse),
+// Backward: with p_j = exp(x_j - lse) (x_j - lse formed from split_lse),
 //   dL/dx_j = cP * (p_j - [j == a]) - cE * p_j * (x_j - lse + H)
 //           = p_j * k - cE * (p_j * t_j) - cP * [j == a]
 // where t_j = x_j - lse, cP = gP*w*R/C, cE = gE*w/C and k = cP - cE*H.
@@ -189,8 +221,8 @@ C10_HOST_DEVICE inline RowGradCoef<acc_t> grad_coef(
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t grad_elem(acc_t x, acc_t lse, RowGradCoef<acc_t> c) {
-  acc_t t = x - lse;
+C10_HOST_DEVICE inline acc_t grad_elem(acc_t x, SplitLse<acc_t> lse, RowGradCoef<acc_t> c) {
+  acc_t t = (x - lse.hi) - lse.lo;
   t = t < lowest<acc_t>() ? lowest<acc_t>() : t;
   const acc_t p = exp_(t);
   return p * c.k - c.c_entropy * (p * t);

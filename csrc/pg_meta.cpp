@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_meta
   return {
       at::empty_symint(loss_shape, loss),
       at::empty_symint(loss_shape, loss),
-      at::empty_symint(action.sym_sizes(), stats),
+      at::empty_symint(action.sym_sizes(), logit.options().dtype(at::kDouble)),
       at::empty_symint(action.sym_sizes(), stats)};
 }
 

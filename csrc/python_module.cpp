@@ -117,6 +117,32 @@ PyMethodDef pg_error_def = {
     "pg_error(loss_type, data, weight, reduction): pgext.pg_error's direct call; None where it "
     "does not apply (pgext.pg_error then calls torch.ops.pgext.pg_error)."};
 
+// pgext.ActionOutOfRangeError, set by pgext's __init__ (a Python class, so
+// that it pickles and reads like any other).
+PyObject* action_error_type = nullptr;
+
+// libpgext's handler for an action outside [0, N) (set_action_error_handler):
+// raises pgext.ActionOutOfRangeError, carried through the dispatcher as a
+// python_error, which every Python entry point of torch (torch.ops, this
+// module's direct call) restores before any c10::Error translation.
+[[noreturn]] void raise_action_error(const std::string& message) {
+  pybind11::gil_scoped_acquire gil;
+  PyErr_SetString(action_error_type, message.c_str());
+  python_error error;
+  error.persist();
+  throw error;
+}
+
+void set_action_error_type(const pybind11::object& type) {
+  if (!PyType_Check(type.ptr()) || !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(type.ptr()),
+                                                     reinterpret_cast<PyTypeObject*>(PyExc_IndexError))) {
+    throw pybind11::type_error("pgext._C._set_action_error_type expects a subclass of IndexError");
+  }
+  Py_XDECREF(action_error_type);
+  action_error_type = pybind11::object(type).release().ptr();
+  pgext::detail::set_action_error_handler(&raise_action_error);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -130,6 +156,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dtype") = at::kFloat,
         "The CPU kernel build used for logits of this dtype: DEFAULT, AVX2 or AVX512 (ATen's choice), "
         "or AVX512_BF16 for bfloat16 on CPUs with those instructions.");
+  m.def("_set_action_error_type", &set_action_error_type,
+        "Makes the ops raise this exception type (pgext.ActionOutOfRangeError) for an action out of range.");
   PyObject* direct = PyCFunction_NewEx(&pg_error_def, nullptr, m.attr("__name__").ptr());
   if (direct == nullptr) {
     throw pybind11::error_already_set();

@@ -27,9 +27,11 @@ import torch
 
 from . import _vmap, reference
 from ._cmake import cmake_prefix_path
+from ._errors import ActionOutOfRangeError
 from ._types import pg_data, pg_loss
 
-__all__ = ["pg_data", "pg_loss", "pg_error", "build_mode", "reference", "cmake_prefix_path", "__version__"]
+__all__ = ["pg_data", "pg_loss", "pg_error", "ActionOutOfRangeError", "build_mode", "reference", "cmake_prefix_path",
+           "__version__"]
 
 
 def _load_extension():
@@ -55,6 +57,7 @@ def _load_extension():
 
 
 _C, _BUILD_MODE = _load_extension()
+_C._set_action_error_type(ActionOutOfRangeError)
 _vmap.register()
 __version__: str = _C.__version__
 _pg_error_op = torch.ops.pgext.pg_error.default
@@ -110,9 +113,12 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
     Args:
         data: ``pg_data(logit, action, return_)`` or any 3-tuple: logits
             ``(..., N)``, integer actions ``logit.shape[:-1]`` and returns of
-            exactly the actions' shape.
-        weight: optional per-sample weight (or mask), the actions' shape; it
-            multiplies each sample's policy and entropy terms.
+            the actions' shape, or of a shape that broadcasts to it without
+            changing it (a ``(B, 1)`` return against ``(B, A)`` actions; its
+            gradient is summed back to ``(B, 1)``).
+        weight: optional per-sample weight (or mask) of the actions' shape (or
+            broadcasting to it, as ``return_``); it multiplies each sample's
+            policy and entropy terms.
         reduction: ``'mean'`` (over samples, the notebook's), ``'sum'`` or
             ``'none'`` (per-sample tensors of the actions' shape).
 
@@ -120,6 +126,10 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
         ``pg_loss(policy_loss, entropy_loss)`` with
         ``policy_loss = -(return_ * log_prob(action))`` and
         ``entropy_loss = entropy``, reduced.
+
+    Raises:
+        ActionOutOfRangeError: an action outside ``[0, N)`` (an ``IndexError``
+            and a ``ValueError``).
     """
     # The common call (plain tensors, no torch function mode, eager) goes
     # straight to the C++ API: the same dispatcher op without the boxed

@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ._errors import ActionOutOfRangeError
+
 FIELDS = (
     "status",       # 0: the local checks passed, 1: this rank raised (it re-raises its own error)
     "rows",         # number of samples
@@ -119,7 +121,7 @@ def check_headers(
     """Validates the gathered headers; returns the total number of classes.
 
     Raises on every rank alike: this rank's own error if its local checks
-    failed, ValueError for inconsistent ranks, IndexError for an action
+    failed, ValueError for inconsistent ranks, ActionOutOfRangeError for an action
     outside the whole vocabulary."""
     table = [dict(zip(FIELDS, r)) for r in rows]
     if local_error is not None:
@@ -182,6 +184,6 @@ def _raise_out_of_range(table, rank: int, action: torch.Tensor, n_global: int, v
     bad = ((flat < 0) | (flat >= n_global)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
-        raise IndexError(f"pg_error: action {as_passed(int(flat[i]))} (sample {i}) is out of range {expect}")
+        raise ActionOutOfRangeError(f"pg_error: action {as_passed(int(flat[i]))} (sample {i}) is out of range {expect}")
     owner = next(r for r, h in enumerate(table) if h["action_min"] == value or h["action_max"] == value)
-    raise IndexError(f"pg_error: rank {owner}'s action {as_passed(value)} is out of range {expect}")
+    raise ActionOutOfRangeError(f"pg_error: rank {owner}'s action {as_passed(value)} is out of range {expect}")

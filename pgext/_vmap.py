@@ -43,6 +43,16 @@ def _fronts(info, in_dims, tensors):
     return tuple(_front(t, d, info.batch_size) for t, d in zip(tensors, in_dims))
 
 
+def _aligned(t, action):
+    """A per-sample tensor (return_, weight) with the vmapped dimension first,
+    padded with size-1 dimensions after it to action's rank: the ops broadcast
+    it against action from the trailing dimension, and the vmapped dimension
+    must meet action's."""
+    if t is None or t.dim() == action.dim():
+        return t
+    return t.reshape(t.shape[:1] + (1,) * (action.dim() - t.dim()) + t.shape[1:])
+
+
 def _acc_dtype(logit_dtype):
     return torch.float64 if logit_dtype == torch.float64 else torch.float32
 
@@ -75,6 +85,7 @@ def _losses_rule(op, outputs: int):
 
     def rule(info, in_dims, logit, action, return_, weight=None, reduction="mean"):
         logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
+        return_, weight = _aligned(return_, action), _aligned(weight, action)
         if reduction not in _REDUCED:
             return tuple(op(logit, action, return_, weight, reduction)), out_dims
         dtype = _loss_dtype(logit, return_, weight)
@@ -99,6 +110,7 @@ def _per_sample_grad(grad, reduction, action):
 
 def _grad_args(info, in_dims, args, reduction):
     grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy = _fronts(info, in_dims, args)
+    return_, weight = _aligned(return_, action), _aligned(weight, action)
     if reduction in _REDUCED:
         grad_policy = _per_sample_grad(grad_policy, reduction, action)
         grad_entropy = _per_sample_grad(grad_entropy, reduction, action)

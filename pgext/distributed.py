@@ -54,7 +54,7 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     Returns:
         ``pg_loss(policy_loss, entropy_loss)``, the same on every rank.
 
-    Raises on every rank of the group alike: ``IndexError`` for an action
+    Raises on every rank of the group alike: ``pgext.ActionOutOfRangeError`` (an ``IndexError`` and a ``ValueError``) for an action
     outside ``[0, N)``; ``ValueError`` when the shards do not tile ``[0, N)``
     or the ranks disagree on samples, dtype, reduction, actions, returns or
     weights; a rank whose own inputs fail pg_error's checks raises that error
@@ -143,8 +143,9 @@ def _collective(what: str, fn, *args, **kwargs):
 
 
 def _global_row_stats(logit, action, vocab_start: int, group):
-    """lse, entropy and the action's logit of the whole rows (accumulation
-    dtype), from this shard and two all-reduces; pg_math.md has the algebra."""
+    """The whole rows' lse (float64), entropy and log-probability of the
+    action (accumulation dtype), from this shard and two all-reduces;
+    pg_math.md has the algebra."""
     local_max, sum_exp, shifted_sum, action_logit = torch.ops.pgext.pg_row_stats(logit, action, vocab_start)
     row_max = local_max.clone()
     _collective("the all-reduce (MAX) of the row maxima", dist.all_reduce, row_max, dist.ReduceOp.MAX, group)
@@ -163,7 +164,11 @@ def _global_row_stats(logit, action, vocab_start: int, group):
     _collective("the all-reduce (SUM) of the rescaled sums", dist.all_reduce, packed, dist.ReduceOp.SUM, group)
     total, shifted, x_action = packed.unbind(0)
     log_total = torch.log(total)
-    return row_max + log_total, log_total - shifted / total, x_action
+    # the kernels' form (pg_math.h): log p(a) = (x_a - max) - log S, and the
+    # lse saved for backward in float64, exact whatever the logits' magnitude
+    log_prob = (x_action - row_max) - log_total
+    lse = row_max.double() + log_total.double()
+    return lse, log_total - shifted / total, log_prob
 
 
 def _reduce(rows: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -184,15 +189,16 @@ class _ShardPgError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logit, return_, weight, action, vocab_start, reduction, group, loss_dtype):
         if action.numel():
-            lse, entropy, x_action = _global_row_stats(logit, action, vocab_start, group)
+            lse, entropy, log_prob = _global_row_stats(logit, action, vocab_start, group)
         else:  # every rank has checked that all ranks are empty: no collective
-            lse = entropy = x_action = torch.empty(action.shape, dtype=_acc(logit), device=logit.device)
-        acc = lse.dtype
+            entropy = log_prob = torch.empty(action.shape, dtype=_acc(logit), device=logit.device)
+            lse = torch.empty(action.shape, dtype=torch.float64, device=logit.device)
+        acc = entropy.dtype
         w = weight.to(acc) if weight is not None else torch.ones((), dtype=acc, device=lse.device)
-        # the kernels' association, -w * R * (x_a - lse): same rounding as pgext.pg_error
-        policy_rows = -w * return_.to(acc) * (x_action - lse)
+        # the kernels' association, -w * R * log_prob
+        policy_rows = -w * return_.to(acc) * log_prob
         entropy_rows = w * entropy
-        ctx.save_for_backward(logit, action, return_, weight, lse, entropy, x_action)
+        ctx.save_for_backward(logit, action, return_, weight, lse, entropy, log_prob)
         ctx.vocab_start, ctx.reduction = vocab_start, reduction
         return _reduce(policy_rows, reduction, loss_dtype), _reduce(entropy_rows, reduction, loss_dtype)
 
@@ -205,7 +211,7 @@ class _ShardPgError(torch.autograd.Function):
             raise RuntimeError(
                 "pgext.distributed.pg_error does not support create_graph=True (second-order gradients); "
                 "pgext.pg_error on unsharded logits does")
-        logit, action, return_, weight, lse, entropy, x_action = ctx.saved_tensors
+        logit, action, return_, weight, lse, entropy, log_prob = ctx.saved_tensors
         need_logit, need_ret, need_weight = ctx.needs_input_grad[:3]
         grad_logit = grad_ret = grad_weight = None
         if need_logit:
@@ -213,16 +219,17 @@ class _ShardPgError(torch.autograd.Function):
                 grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy, ctx.reduction,
                 ctx.vocab_start)
         if need_ret or need_weight:
-            # as pgext.pg_error's C++ autograd: log_prob is the action's logit minus lse
-            acc = lse.dtype
-            log_prob = x_action - lse
+            # as pgext.pg_error's C++ autograd, summed back to the shape of a
+            # broadcast return_ or weight
+            acc = entropy.dtype
             g_pol = _per_sample(grad_policy.to(acc), ctx.reduction, action)
             if need_ret:
                 w = weight.to(acc) if weight is not None else torch.ones((), dtype=acc, device=lse.device)
-                grad_ret = (-g_pol * w * log_prob).to(return_.dtype)
+                grad_ret = (-g_pol * w * log_prob).sum_to_size(return_.shape).to(return_.dtype)
             if need_weight:
                 g_ent = _per_sample(grad_entropy.to(acc), ctx.reduction, action)
-                grad_weight = (-g_pol * return_.to(acc) * log_prob + g_ent * entropy).to(weight.dtype)
+                grad_weight = (-g_pol * return_.to(acc) * log_prob + g_ent * entropy).sum_to_size(
+                    weight.shape).to(weight.dtype)
         return grad_logit, grad_ret, grad_weight, None, None, None, None, None
 
 

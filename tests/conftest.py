@@ -290,8 +290,9 @@ def grad_scales(inp: Inputs, reduction: str, upstream) -> dict:
     return {
         "logit": nfac * (cP * (p + onehot) + cE * p * (1 + (x - lse).abs() + H)),
         "logit_floor": 2 * tiny * (cP + cE * (1 + (x - lse).abs() + H)),
-        "return_": nfac * (gP * w).abs() * big / C,
-        "weight": nfac * ((gP * R).abs() * big + gE.abs() * (1 + H.squeeze(-1))) / C,
+        # summed back to the shape of a broadcast return_ or weight, as their gradients are
+        "return_": (nfac * (gP * w).abs() * big / C).sum_to_size(R.shape),
+        "weight": (nfac * ((gP * R).abs() * big + gE.abs() * (1 + H.squeeze(-1))) / C).sum_to_size(w.shape),
     }
 
 

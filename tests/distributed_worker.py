@@ -38,6 +38,7 @@ class Case(NamedTuple):
     equal: bool = False    # equal shards and the default vocab_start
     mask: str = "shards"   # "", "shards" (30% -inf, a row fully masked in each of two shards), "all_row"
     offset: float = 0.0    # added to the last shard: its max dominates the others' by far
+    broadcast: bool = False  # return_ (B, 1) and weight (1, A) against (B, A) actions
 
 
 def cases(world: int):
@@ -51,6 +52,8 @@ def cases(world: int):
         Case("float64-none-masked-row", (9,), torch.float64, "none", mask="all_row"),
         Case("float32-mean-masked-row", (9,), torch.float32, "mean", mask="all_row"),
         Case("float32-sum-large-logits", (8,), torch.float32, "sum", offset=1e4),
+        Case("float32-mean-broadcast", (6, 4), torch.float32, "mean", broadcast=True),
+        Case("float64-none-broadcast", (6, 4), torch.float64, "none", broadcast=True),
         Case("bfloat16-mean", (5, 3), torch.bfloat16, "mean"),
         Case("float32-mean-empty", (0, 3), torch.float32, "mean"),
         Case("float64-none-empty", (0,), torch.float64, "none"),
@@ -87,8 +90,10 @@ def case_inputs(case: Case, world: int) -> Inputs:
         logit[:, starts[-1]:] += case.offset
         logit[:, :starts[-1]] += case.offset - 30
     cast = (lambda t: None if t is None else t.to(case.dtype))
-    return Inputs(cast(logit.reshape(inp.logit.shape)), action.reshape(inp.action.shape), cast(inp.return_),
-                  cast(inp.weight))
+    ret, weight = inp.return_, inp.weight
+    if case.broadcast:
+        ret, weight = ret[:, :1].clone(), weight[:1].clone()
+    return Inputs(cast(logit.reshape(inp.logit.shape)), action.reshape(inp.action.shape), cast(ret), cast(weight))
 
 
 def shard(inp: Inputs, start: int, size: int) -> Inputs:

@@ -147,8 +147,8 @@ ERRORS = {
     "rows": _everywhere("ValueError", r"same samples .*samples per rank \[6, (6, )?5\]"),
     "default_start_uneven": _everywhere("ValueError", r"must tile the classes .*pass vocab_start="),
     "overlap": _everywhere("ValueError", r"without gaps or overlaps, got rank 0: \[0, "),
-    "action_too_big": _everywhere("IndexError", r"action 20 \(sample 4\) is out of range for N = 20 classes"),
-    "action_negative": _everywhere("IndexError", r"action -3 \(sample 2\) is out of range for N = 20 classes"),
+    "action_too_big": _everywhere("ActionOutOfRangeError", r"action 20 \(sample 4\) is out of range for N = 20 classes"),
+    "action_negative": _everywhere("ActionOutOfRangeError", r"action -3 \(sample 2\) is out of range for N = 20 classes"),
     "actions_differ": _everywhere("ValueError", r"action must be identical on every rank"),
     "returns_differ": _everywhere("ValueError", r"return_ must be identical on every rank"),
     "weight_on_one_rank": _everywhere("ValueError", r"weight \(given or None\) must be identical"),
@@ -286,7 +286,7 @@ def test_uint64_action_out_of_range_is_reported_as_passed(world1):
     inp = make_inputs((4,), 6)
     action = inp.action.to(torch.uint64)
     action[1] = 2**64 - 1
-    with pytest.raises(IndexError, match=r"action 18446744073709551615 \(sample 1\) is out of range for N = 6"):
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"action 18446744073709551615 \(sample 1\) is out of range for N = 6"):
         pgext.distributed.pg_error((inp.logit, action, inp.return_))
 
 

@@ -196,7 +196,7 @@ def test_bad_input_raises_under_vmap():
     inp = make_inputs((3, 4), 5, seed=8)
     action = inp.action.clone()
     action[1, 2] = 5
-    with pytest.raises(IndexError, match="action 5"):
+    with pytest.raises(pgext.ActionOutOfRangeError, match="action 5"):
         vmap(losses)(inp.logit, action, inp.return_)
     with pytest.raises(ValueError, match="reduction"):
         vmap(lambda *a: losses(*a, reduction="avg"))(inp.logit, inp.action, inp.return_)

@@ -87,9 +87,9 @@ void check_actions(const RowInputs& in) {
     if (C10_UNLIKELY(a[r] < 0 || a[r] >= in.n)) {
       // the value the caller passed, not its int64 conversion
       const bool wrapped = in.action_dtype == at::kUInt64 && a[r] < 0;
-      TORCH_CHECK_INDEX(
-          false, "pg_error: action ", wrapped ? std::to_string(static_cast<uint64_t>(a[r])) : std::to_string(a[r]),
-          " (sample ", r, ") is out of range for N = ", in.n, " classes; expected 0 <= action < ", in.n);
+      throw_action_out_of_range(c10::str(
+          "pg_error: action ", wrapped ? std::to_string(static_cast<uint64_t>(a[r])) : std::to_string(a[r]),
+          " (sample ", r, ") is out of range for N = ", in.n, " classes; expected 0 <= action < ", in.n));
     }
   }
 }

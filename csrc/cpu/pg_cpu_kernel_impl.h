@@ -208,7 +208,7 @@ void forward_typed(const RowInputs& in, ForwardRows& out) {
   const ForwardSink<acc_t> sink(in, out);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const auto res = math::finish_row(st);
-    sink.put(r, static_cast<acc_t>(row[sink.action[r]]), res.lse, res.entropy);
+    sink.put(r, static_cast<acc_t>(row[sink.action[r]]), st.m, res.log_s, res.entropy);
   });
 }
 
@@ -251,7 +251,9 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       scalar_t* dst = out + r * n + start;
       const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
 
-      const V vlse(src.lse[r]);
+      const auto lse = src.row_lse(r);
+      const V vhi(lse.hi);
+      const V vlo(lse.lo);
       const V vk(c.k);
       const V vce(c.c_entropy);
       const bool factored = factorable(c);
@@ -374,12 +376,12 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       const auto with_grad = [&](const auto& grad_of) {  // grad_of(p, t)
         row_block(
             [&](const V& xv) {
-              const V tv = shifted(xv, vlse);
+              const V tv = shifted(xv, vhi, vlo);
               return grad_of(vexp(tv), tv);
             },
             [&](const V& x0, const V& x1) {
-              const V t0 = shifted(x0, vlse);
-              const V t1 = shifted(x1, vlse);
+              const V t0 = shifted(x0, vhi, vlo);
+              const V t1 = shifted(x1, vhi, vlo);
               const auto [p0, p1] = vexp_pair(t0, t1);
               return std::pair<V, V>(grad_of(p0, t0), grad_of(p1, t1));
             });

@@ -34,23 +34,24 @@ struct ForwardSink {
       : action(in.action.const_data_ptr<int64_t>()),
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
-        lse(out.lse.mutable_data_ptr<acc_t>()),
+        lse(out.lse.mutable_data_ptr<double>()),
         entropy(out.entropy.mutable_data_ptr<acc_t>()),
         policy(out.policy.mutable_data_ptr<acc_t>()),
         entropy_weighted(out.entropy_weighted.mutable_data_ptr<acc_t>()) {}
 
-  void put(int64_t r, acc_t x_action, acc_t row_lse, acc_t row_entropy) const {
+  // A finished row: its max m, log S and entropy (math::finish_row).
+  void put(int64_t r, acc_t x_action, acc_t m, acc_t log_s, acc_t row_entropy) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
-    lse[r] = row_lse;
+    lse[r] = math::saved_lse(m, log_s);
     entropy[r] = row_entropy;
-    policy[r] = math::policy_term(x_action, row_lse, ret[r], w);
+    policy[r] = math::policy_term(math::log_prob(x_action, m, log_s), ret[r], w);
     entropy_weighted[r] = math::entropy_term(row_entropy, w);
   }
 
   const int64_t* action;  // checked to lie in [0, n) before any kernel runs
   const acc_t* ret;
   const acc_t* weight;
-  acc_t* lse;
+  double* lse;
   acc_t* entropy;
   acc_t* policy;
   acc_t* entropy_weighted;
@@ -123,7 +124,7 @@ struct BackwardSource {
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         g_pol(rows.grad_policy),
         g_ent(rows.grad_entropy),
-        lse(rows.lse.const_data_ptr<acc_t>()),
+        lse(rows.lse.const_data_ptr<double>()),
         entropy(rows.entropy.const_data_ptr<acc_t>()),
         inv_count(static_cast<acc_t>(rows.inv_count)) {}
 
@@ -138,6 +139,10 @@ struct BackwardSource {
     return math::shard_column(action[r], vocab_start, n);
   }
 
+  math::SplitLse<acc_t> row_lse(int64_t r) const {
+    return math::split_lse<acc_t>(lse[r]);
+  }
+
   const int64_t* action;
   int64_t vocab_start;
   int64_t n;
@@ -145,7 +150,7 @@ struct BackwardSource {
   const acc_t* weight;
   UpstreamGrad<acc_t> g_pol;
   UpstreamGrad<acc_t> g_ent;
-  const acc_t* lse;
+  const double* lse;  // float64: split into hi + lo per row
   const acc_t* entropy;
   acc_t inv_count;
 };

@@ -124,13 +124,15 @@ void forward_short_rows(const RowInputs& in, ForwardRows& out) {
   const ForwardSink<acc_t> sink(in, out);
   for_each_tile_stats<scalar_t>(in, [&](int64_t r0, int64_t live, const acc_t* tile, const TileStats<acc_t>& st) {
     // finish_row, for W rows at once
-    alignas(64) acc_t lse[W];
+    alignas(64) acc_t m[W];
+    alignas(64) acc_t log_s[W];
     alignas(64) acc_t entropy[W];
-    const V log_s = st.s.log();
-    (st.m + log_s).store(lse);
-    (log_s - st.u / st.s).store(entropy);
+    const V vlog_s = st.s.log();
+    st.m.store(m);
+    vlog_s.store(log_s);
+    (vlog_s - st.u / st.s).store(entropy);
     for (int64_t i = 0; i < live; ++i) {
-      sink.put(r0 + i, tile[sink.action[r0 + i] * W + i], lse[i], entropy[i]);
+      sink.put(r0 + i, tile[sink.action[r0 + i] * W + i], m[i], log_s[i], entropy[i]);
     }
   });
 }
@@ -178,7 +180,8 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
   at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
     // zeros beyond column n - 1 (see the bfloat16 column pairs)
     alignas(64) acc_t tile[kShortRowMax<acc_t> * W] = {};
-    alignas(64) acc_t lse_lane[W];
+    alignas(64) acc_t lse_hi[W];
+    alignas(64) acc_t lse_lo[W];
     alignas(64) acc_t k_lane[W];
     alignas(64) acc_t ce_lane[W];
     // c_policy at (action column, lane) and zero elsewhere: a column's
@@ -199,7 +202,9 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
       for (int64_t i = 0; i < W; ++i) {
         const int64_t r = r0 + std::min(i, live - 1);
         const auto c = src.coef(r);
-        lse_lane[i] = src.lse[r];
+        const auto lse = src.row_lse(r);
+        lse_hi[i] = lse.hi;
+        lse_lo[i] = lse.lo;
         k_lane[i] = c.k;
         ce_lane[i] = c.c_entropy;
         // no entry where another shard holds the action
@@ -212,12 +217,13 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
       // after the scalar writes above, so that they have left the store
       // buffer before the columns read them as vectors
       load_tile(x, r0, live, tile);
-      const V vlse = V::loadu(lse_lane);
+      const V vhi = V::loadu(lse_hi);
+      const V vlo = V::loadu(lse_lo);
       const V vk = V::loadu(k_lane);
       const V vce = V::loadu(ce_lane);
       const V zero(acc_t(0));
       const auto column = [&](int64_t j) {
-        const V tv = shifted(V::loadu(tile + j * W), vlse);
+        const V tv = shifted(V::loadu(tile + j * W), vhi, vlo);
         const V p = vexp(tv);
         return grad_of_exp(p, tv, vk, vce) - V::loadu(one_hot + j * W);
       };
@@ -238,8 +244,8 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
             // thread. For an odd n the pair after the last column reads the
             // tile's zeros and is never stored.
             for (int64_t j = 0; j < n; j += 2) {
-              const V t0 = shifted(V::loadu(tile + j * W), vlse);
-              const V t1 = shifted(V::loadu(tile + (j + 1) * W), vlse);
+              const V t0 = shifted(V::loadu(tile + j * W), vhi, vlo);
+              const V t1 = shifted(V::loadu(tile + (j + 1) * W), vhi, vlo);
               const auto [p0, p1] = vexp_pair(t0, t1);
               const V g0 = grad_of_exp_factored(p0, t0, vk, vce) - V::loadu(one_hot + j * W);
               const V g1 = grad_of_exp_factored(p1, t1, vk, vce) - V::loadu(one_hot + (j + 1) * W);

@@ -54,6 +54,13 @@ inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<ac
   return at::vec::clamp_min(x - shift, Vectorized<acc_t>(exp_floor<acc_t>()));
 }
 
+// x - lse for lse = hi + lo (math::split_lse): backward's exponent, exact to
+// one rounding whatever the logits' magnitude.
+template <typename acc_t>
+inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<acc_t>& hi, const Vectorized<acc_t>& lo) {
+  return at::vec::clamp_min((x - hi) - lo, Vectorized<acc_t>(exp_floor<acc_t>()));
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // The constants of vexp and vexp_pair; the polynomial is at::vec's exp_u20's.
 namespace vexp_const {

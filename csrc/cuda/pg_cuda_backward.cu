@@ -41,7 +41,7 @@ struct BackwardArgs {
   int64_t grad_policy_stride;  // 0 for a reduced loss's scalar gradient
   const acc_t* grad_entropy;
   int64_t grad_entropy_stride;
-  const acc_t* lse;
+  const double* lse;  // math::saved_lse, split per row
   const acc_t* entropy;
   acc_t inv_count;
   int64_t vocab_start;  // first class of the row (0 unless a shard)
@@ -74,7 +74,7 @@ __device__ __forceinline__ void backward_row(
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
     c.c_entropy = c.k;
   }
-  const acc_t lse = p.lse[r];
+  const auto lse = math::split_lse<acc_t>(p.lse[r]);
   const auto grad_at = [&](scalar_t x, int64_t j) {
     acc_t g = math::grad_elem(static_cast<acc_t>(x), lse, c);
     if (j == a) {
@@ -153,7 +153,7 @@ void backward_typed(const RowInputs& in, const BackwardRows& rows, at::Tensor& g
   p.grad_policy_stride = grad_row_stride(rows.grad_policy);
   p.grad_entropy = rows.grad_entropy.const_data_ptr<acc_t>();
   p.grad_entropy_stride = grad_row_stride(rows.grad_entropy);
-  p.lse = rows.lse.const_data_ptr<acc_t>();
+  p.lse = rows.lse.const_data_ptr<double>();
   p.entropy = rows.entropy.const_data_ptr<acc_t>();
   p.inv_count = static_cast<acc_t>(rows.inv_count);
   p.vocab_start = rows.shard_vocab_start.value_or(0);

@@ -47,7 +47,7 @@ struct LossFinish {
   const int64_t* action;
   const acc_t* ret;
   const acc_t* weight;  // nullptr: weight 1
-  acc_t* lse;
+  double* lse;          // math::saved_lse
   acc_t* entropy;
   acc_t* policy;
   acc_t* entropy_weighted;
@@ -59,9 +59,9 @@ struct LossFinish {
     CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
     const acc_t x_a = in_range ? static_cast<acc_t>(x[a]) : std::numeric_limits<acc_t>::quiet_NaN();
     const acc_t w = weight != nullptr ? weight[r] : acc_t(1);
-    lse[r] = res.lse;
+    lse[r] = math::saved_lse(st.m, res.log_s);
     entropy[r] = res.entropy;
-    policy[r] = math::policy_term(x_a, res.lse, ret[r], w);
+    policy[r] = math::policy_term(math::log_prob(x_a, st.m, res.log_s), ret[r], w);
     entropy_weighted[r] = math::entropy_term(res.entropy, w);
   }
 };
@@ -187,7 +187,7 @@ void forward_typed(const RowInputs& in, ForwardRows& out) {
   f.action = in.action.const_data_ptr<int64_t>();
   f.ret = in.ret.const_data_ptr<acc_t>();
   f.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
-  f.lse = out.lse.mutable_data_ptr<acc_t>();
+  f.lse = out.lse.mutable_data_ptr<double>();
   f.entropy = out.entropy.mutable_data_ptr<acc_t>();
   f.policy = out.policy.mutable_data_ptr<acc_t>();
   f.entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();

@@ -186,6 +186,29 @@ void expect_throw(const std::function<void()>& f, const std::string& needle, con
   }
 }
 
+// A centralized critic's (B, 1) return against (B, A) actions: the same as the
+// return expanded, with its gradient summed over the agents.
+void test_broadcast() {
+  torch::manual_seed(11);
+  const auto logit = torch::randn({6, 3, 5});
+  const auto action = torch::randint(0, 5, {6, 3});
+  auto ret = torch::randn({6, 1}).requires_grad_(true);
+  auto full = ret.detach().expand({6, 3}).clone().requires_grad_(true);
+  const auto a = pgext::pg_error({logit, action, ret});
+  const auto b = pgext::pg_error({logit, action, full});
+  check_close(a.policy_loss.item<double>(), b.policy_loss.item<double>(), 1e-6, "broadcast return: policy loss");
+  check_close(a.entropy_loss.item<double>(), b.entropy_loss.item<double>(), 1e-6, "broadcast return: entropy loss");
+  a.policy_loss.backward();
+  b.policy_loss.backward();
+  check(ret.grad().sizes() == ret.sizes(), "broadcast return: gradient of the return's shape");
+  check(torch::allclose(ret.grad(), full.grad().sum(1, /*keepdim=*/true), 1e-5, 1e-6),
+        "broadcast return: gradient summed over the broadcast dimension");
+  // a (B, 1) return against (B,) actions would grow the samples: refused
+  expect_throw<c10::ValueError>(
+      [&] { pgext::pg_error({logit.select(1, 0), action.select(1, 0), ret.detach()}); }, "[6, 1]",
+      "a (B, 1) return against (B,) actions");
+}
+
 void test_errors() {
   const Case c = make_case(4, 7, false);
   for (int64_t bad : {int64_t{-1}, int64_t{7}, int64_t{1} << 40}) {
@@ -245,6 +268,7 @@ int main(int argc, char** argv) {
     if (group == "values" || group == "all") test_values();
     if (group == "grads" || group == "all") test_grads();
     if (group == "errors" || group == "all") test_errors();
+    if (group == "broadcast" || group == "all") test_broadcast();
     if (group == "info" || group == "all") test_info();
     if (group == "script") {
       if (argc < 3) {

@@ -58,7 +58,7 @@ void butterfly(std::vector<RowStats<acc_t>>& lanes, size_t first, size_t group) 
 }
 
 template <typename acc_t>
-pgext::math::RowResult<acc_t> replay(const std::vector<acc_t>& x, int64_t threads, int64_t vec, int64_t head) {
+RowStats<acc_t> replay(const std::vector<acc_t>& x, int64_t threads, int64_t vec, int64_t head) {
   std::vector<RowStats<acc_t>> lanes;
   for (int64_t t = 0; t < threads; ++t) {
     lanes.push_back(thread_stats(x, head, vec, t, threads));
@@ -66,7 +66,7 @@ pgext::math::RowResult<acc_t> replay(const std::vector<acc_t>& x, int64_t thread
   constexpr int64_t kWarp = 32;
   if (threads <= kWarp) {
     butterfly(lanes, 0, static_cast<size_t>(threads));
-    return pgext::math::finish_row(lanes[0]);
+    return lanes[0];
   }
   const int64_t warps = threads / kWarp;
   std::vector<RowStats<acc_t>> first_warp(kWarp, pgext::math::empty_stats<acc_t>());
@@ -75,7 +75,7 @@ pgext::math::RowResult<acc_t> replay(const std::vector<acc_t>& x, int64_t thread
     first_warp[w] = lanes[w * kWarp];
   }
   butterfly(first_warp, 0, kWarp);
-  return pgext::math::finish_row(first_warp[0]);
+  return first_warp[0];
 }
 
 template <typename acc_t>
@@ -89,8 +89,9 @@ void run(std::istringstream& in, int64_t threads, int64_t vec, int64_t head, int
     std::fprintf(stderr, "expected %lld values\n", static_cast<long long>(n));
     std::exit(2);
   }
-  const auto r = replay(x, threads, vec, head);
-  std::printf("%a %a\n", static_cast<double>(r.lse), static_cast<double>(r.entropy));
+  const auto st = replay(x, threads, vec, head);
+  const auto r = pgext::math::finish_row(st);
+  std::printf("%a %a\n", pgext::math::saved_lse(st.m, r.log_s), static_cast<double>(r.entropy));
 }
 
 }  // namespace

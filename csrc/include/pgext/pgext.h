@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #if defined(_WIN32)
 #if defined(PGEXT_BUILDING_LIBRARY)
@@ -32,7 +33,9 @@
 namespace pgext {
 
 // The notebook's pg_data: logits (..., N) of any floating dtype, integer
-// actions of shape logit.shape[:-1], and returns of exactly the actions' shape.
+// actions of shape logit.shape[:-1], and returns of the actions' shape or one
+// that broadcasts to it without changing it (a (B, 1) return against (B, A)
+// actions; gradients are summed back to the return's shape).
 struct PgData {
   at::Tensor logit;
   at::Tensor action;
@@ -53,8 +56,9 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 // Options of pg_error. An aggregate, so C++20 designated initializers read
 // like Python's keywords:  pgext::pg_error(data, {.weight = w, .reduction = pgext::Reduction::Sum})
 struct PgOptions {
-  // Per-sample weight (or mask) of the actions' shape, multiplying each
-  // sample's policy and entropy terms. Differentiable.
+  // Per-sample weight (or mask) of the actions' shape (or broadcasting to it
+  // as return_ does), multiplying each sample's policy and entropy terms.
+  // Differentiable.
   std::optional<at::Tensor> weight = std::nullopt;
   Reduction reduction = Reduction::Mean;
 };
@@ -77,6 +81,13 @@ PGEXT_API bool cuda_compiled();         // were the CUDA kernels compiled in?
 PGEXT_API const char* cpu_capability(at::ScalarType logit_dtype = at::kFloat);
 
 namespace detail {
+// How an action outside [0, N) is reported: a c10::IndexError, unless a
+// handler is set. pgext's Python module sets one that raises
+// pgext.ActionOutOfRangeError (an IndexError and a ValueError) instead. The
+// handler must throw; nullptr restores the default.
+using ActionErrorHandler = void (*)(const std::string& message);
+PGEXT_API void set_action_error_handler(ActionErrorHandler handler) noexcept;
+
 // Defined in libpgext; does nothing but exist (returns 1).
 PGEXT_API int64_t link_anchor() noexcept;
 
