@@ -64,6 +64,13 @@ PgLoss pg_error(const PgData& data, const PgOptions& options) {
   return {std::move(policy_loss), std::move(entropy_loss)};
 }
 
+LogProbEntropy log_prob_entropy(
+    const at::Tensor& logit, const at::Tensor& action, const LogProbEntropyOptions& options) {
+  TORCH_CHECK_VALUE(logit.defined() && action.defined(), "log_prob_entropy: logit and action must be tensors");
+  auto [log_prob, entropy] = ops::log_prob_entropy(logit, action, options.ignore_index);
+  return {std::move(log_prob), std::move(entropy)};
+}
+
 const char* version() {
   return PGEXT_VERSION;
 }

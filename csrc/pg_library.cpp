@@ -27,6 +27,13 @@ TORCH_LIBRARY(pgext, m) {
       "(Tensor max, Tensor sum_exp, Tensor shifted_sum, Tensor action_logit)");
   // pg_error_backward for a shard, from the global per-sample lse and entropy;
   // actions outside the shard contribute no one-hot term.
+  // The per-sample log-probability of the action and entropy of a categorical
+  // policy, for any upstream gradients of either: pg_error's fused kernels
+  // with a return of -1 and reduction 'none' (log_prob_entropy.cpp). Samples
+  // whose action is ignore_index get 0 for both and no gradient.
+  m.def(
+      "log_prob_entropy(Tensor logit, Tensor action, int? ignore_index=None) -> "
+      "(Tensor log_prob, Tensor entropy)");
   m.def(
       "pg_grad_from_stats(Tensor grad_policy, Tensor grad_entropy, Tensor logit, Tensor action, "
       "Tensor return_, Tensor? weight, Tensor lse, Tensor entropy, str reduction, int vocab_start) -> Tensor");

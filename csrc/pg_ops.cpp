@@ -72,5 +72,15 @@ at::Tensor pg_grad_from_stats(
   return op.call(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
 }
 
+std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    std::optional<int64_t> ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::log_prob_entropy", "")
+                       .typed<decltype(log_prob_entropy)>();
+  return op.call(logit, action, ignore_index);
+}
+
 }  // namespace ops
 }  // namespace pgext

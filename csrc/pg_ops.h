@@ -51,5 +51,10 @@ at::Tensor pg_grad_from_stats(
     c10::string_view reduction,
     int64_t vocab_start);
 
+std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    std::optional<int64_t> ignore_index);
+
 }  // namespace ops
 }  // namespace pgext

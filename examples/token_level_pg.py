@@ -26,11 +26,7 @@ caching allocator's peak on GPU), then takes one Adam step with pgext's loss.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -43,6 +39,9 @@ except ImportError:  # running from a checkout without installing: the package i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pgext import pg_data, pg_error
 from pgext import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _measure, next to this script
+from _measure import malloc_returns_big_blocks, median_seconds, peak_growth  # noqa: E402
 
 BETA = 0.01  # entropy bonus: total = policy_loss - BETA * entropy_loss
 
@@ -89,11 +88,6 @@ def token_loss(fn: Callable, logits, actions, returns, mask, data_cls=pg_data):
     return policy, entropy, policy - BETA * entropy
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def loss_and_grad(fn, logits, actions, returns, mask):
     z = logits.detach().requires_grad_(True)
     policy, entropy, total = token_loss(fn, z, actions, returns, mask)
@@ -103,19 +97,7 @@ def loss_and_grad(fn, logits, actions, returns, mask):
 
 def time_fwd_bwd(fn, logits, actions, returns, mask, repeats: int) -> float:
     """Median seconds of forward + backward (to the logits) of the loss, after one warm-up."""
-    device = logits.device
-    times = []
-    for i in range(repeats + 1):
-        z = logits.detach().requires_grad_(True)
-        _sync(device)
-        t0 = time.perf_counter()
-        total = token_loss(fn, z, actions, returns, mask)[2]
-        torch.autograd.grad(total, z)
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-        del total, z
-    return statistics.median(times)
+    return median_seconds(lambda: loss_and_grad(fn, logits, actions, returns, mask), logits.device, repeats)
 
 
 def saved_for_backward(fn, logits, actions, returns, mask) -> Dict[str, int]:
@@ -140,50 +122,9 @@ def saved_for_backward(fn, logits, actions, returns, mask) -> Dict[str, int]:
             "extra": sum(n for p, n in storages.items() if p not in inputs)}
 
 
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_returns_big_blocks() -> None:
-    """Makes glibc serve and return blocks >= 1 MiB with mmap, so freed tensors leave RSS
-    and the next measurement's growth is not hidden by memory malloc kept."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_growth(fn, logits, actions, returns, mask) -> Optional[int]:
+def peak_growth_of(fn, logits, actions, returns, mask) -> Optional[int]:
     """Peak memory above the starting point during forward + backward of the loss (bytes)."""
-    device = logits.device
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        loss_and_grad(fn, logits, actions, returns, mask)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    if not _reset_peak_rss():
-        return None
-    base = _rss_kib("VmRSS")
-    loss_and_grad(fn, logits, actions, returns, mask)
-    peak = _rss_kib("VmHWM")
-    return None if base is None or peak is None else (peak - base) * 1024
+    return peak_growth(lambda: loss_and_grad(fn, logits, actions, returns, mask), logits.device)
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
-        _malloc_returns_big_blocks()
+        malloc_returns_big_blocks()
     torch.manual_seed(args.seed)
     model = ToyLM(args.vocab, args.dim).to(device)
     tokens, actions, returns, mask = make_batch(args.vocab, args.batch, args.seq, device, args.seed)
@@ -233,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     truth = loss_and_grad(reference.pg_error, logits.double(), actions, returns.double(), mask.double())
     for name, fn in impls.items():
         rows[name]["saved"] = saved_for_backward(fn, logits, actions, returns, mask)
-        rows[name]["peak"] = peak_growth(fn, logits, actions, returns, mask)
+        rows[name]["peak"] = peak_growth_of(fn, logits, actions, returns, mask)
     for name, fn in impls.items():  # timings last: the memory runs above double as warm-up
         rows[name]["time"] = time_fwd_bwd(fn, logits, actions, returns, mask, args.repeats)
 

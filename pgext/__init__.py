@@ -28,9 +28,12 @@ import torch
 from . import _vmap, reference
 from ._cmake import cmake_prefix_path
 from ._errors import ActionOutOfRangeError
-from ._types import pg_data, pg_loss
+from ._types import (a2c_data, a2c_loss, pg_data, pg_loss, ppo_data, ppo_info, ppo_loss, ppo_policy_data,
+                     ppo_policy_loss, ppo_value_data)
 
-__all__ = ["pg_data", "pg_loss", "pg_error", "ActionOutOfRangeError", "build_mode", "reference", "cmake_prefix_path",
+__all__ = ["pg_data", "pg_loss", "pg_error", "log_prob_entropy", "ppo_policy_error", "ppo_value_error", "ppo_error",
+           "a2c_error", "ppo_policy_data", "ppo_data", "ppo_value_data", "ppo_policy_loss", "ppo_loss", "ppo_info",
+           "a2c_data", "a2c_loss", "ActionOutOfRangeError", "build_mode", "reference", "cmake_prefix_path",
            "__version__"]
 
 
@@ -58,6 +61,10 @@ def _load_extension():
 
 _C, _BUILD_MODE = _load_extension()
 _C._set_action_error_type(ActionOutOfRangeError)
+
+from ._primitives import log_prob_entropy  # noqa: E402 - the ops are registered above
+from .a2c import a2c_error  # noqa: E402
+from .ppo import ppo_error, ppo_policy_error, ppo_value_error  # noqa: E402
 _vmap.register()
 __version__: str = _C.__version__
 _pg_error_op = torch.ops.pgext.pg_error.default

@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from . import _check_call
 from ._shard_check import build_header, check_headers
-from ._types import pg_loss
+from ._types import pg_data, pg_loss
 
-__all__ = ["pg_error"]
+__all__ = ["pg_error", "log_prob_entropy"]
 
 
 def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Optional[torch.Tensor] = None,
@@ -82,6 +82,28 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     policy, entropy = _ShardPgError.apply(
         logit, return_, weight, action, vocab_start, reduction, group, loss_dtype)
     return pg_loss(policy, entropy)
+
+
+def log_prob_entropy(logit: torch.Tensor, action: torch.Tensor, group=None, *, vocab_start: Optional[int] = None,
+                     ignore_index: Optional[int] = None):
+    """``pgext.log_prob_entropy`` of the gathered logits, from this rank's
+    shard of classes: ``(log_prob, entropy)`` of the actions' shape, the same
+    on every rank; backward gives each rank its shard's gradient.
+
+    It is ``pg_error`` with a return of -1 and reduction ``'none'`` (the same
+    collectives and checks); ``ignore_index`` as in ``pgext.log_prob_entropy``.
+    """
+    if not isinstance(logit, torch.Tensor) or not isinstance(action, torch.Tensor):
+        raise TypeError("log_prob_entropy: logit and action must be tensors")
+    acc = _acc(logit) if logit.is_floating_point() else torch.float32
+    minus_one = torch.full((), -1.0, dtype=acc, device=logit.device)
+    if ignore_index is None:
+        return tuple(pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, reduction="none"))
+    keep = action != ignore_index
+    safe_action = torch.where(keep, action, 0)
+    log_prob, entropy = pg_error(pg_data(logit, safe_action, minus_one), group, vocab_start=vocab_start,
+                                 weight=keep.to(acc), reduction="none")
+    return torch.where(keep, log_prob, 0), torch.where(keep, entropy, 0)
 
 
 def _group_and_rank(group):

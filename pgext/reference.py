@@ -1,8 +1,10 @@
-"""Pure-PyTorch reference of ``pg_error``: the notebook's ``Categorical`` math.
+"""Pure-PyTorch references of pgext's functions: ``Categorical`` math.
 
-It is the yardstick for pgext's tests and benchmarks, so it stays exactly the
-notebook's computation; ``weight`` and ``reduction`` are applied on top of the
-per-sample terms the way pgext defines them.
+They are the yardstick for pgext's tests and benchmarks. ``pg_error`` stays
+exactly the notebook's computation (``weight`` and ``reduction`` applied on
+top of the per-sample terms the way pgext defines them); the PPO and A2C
+losses are DI-engine's formulas (``ding.rl_utils``), eager op by op, with
+``ppo_info`` as 0-d tensors as pgext returns it.
 """
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from typing import Optional
 
 import torch
 
-from ._types import pg_data, pg_loss
+import torch.nn.functional as F
 
-__all__ = ["pg_error", "pg_data", "pg_loss"]
+from ._types import a2c_loss, pg_data, pg_loss, ppo_info, ppo_loss, ppo_policy_loss
+
+__all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "ppo_error", "a2c_error"]
 
 
 def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
@@ -31,3 +35,70 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
     if reduction == "none":
         return pg_loss(policy, entropy)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def log_prob_entropy(logit, action, *, ignore_index=None):
+    """``Categorical``'s log_prob and entropy per sample (ignored samples 0)."""
+    keep = None if ignore_index is None else action != ignore_index
+    if keep is not None:
+        action = torch.where(keep, action, 0)
+    dist = torch.distributions.categorical.Categorical(logits=logit)
+    log_prob, entropy = dist.log_prob(action), dist.entropy()
+    if keep is not None:
+        log_prob, entropy = torch.where(keep, log_prob, 0), torch.where(keep, entropy, 0)
+    return log_prob, entropy
+
+
+def ppo_policy_error(data, clip_ratio: float = 0.2, dual_clip: Optional[float] = None):
+    logit_new, logit_old, action, adv, weight = data
+    if weight is None:
+        weight = torch.ones_like(adv)
+    dist_new = torch.distributions.categorical.Categorical(logits=logit_new)
+    logp_new = dist_new.log_prob(action)
+    if logit_old.dim() == action.dim():  # stored old log-probabilities
+        logp_old = logit_old
+    else:
+        logp_old = torch.distributions.categorical.Categorical(logits=logit_old).log_prob(action)
+    entropy = dist_new.entropy()
+    if entropy.shape != weight.shape:
+        entropy = entropy.mean(dim=1)
+    entropy_loss = (entropy * weight).mean()
+    ratio = torch.exp(logp_new - logp_old)
+    if ratio.shape != adv.shape:
+        ratio = ratio.mean(dim=1)
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * adv
+    if dual_clip is not None:
+        clip1 = torch.min(surr1, surr2)
+        clip2 = torch.max(clip1, dual_clip * adv)
+        policy_loss = -(torch.where(adv < 0, clip2, clip1) * weight).mean()
+    else:
+        policy_loss = (-torch.min(surr1, surr2) * weight).mean()
+    with torch.no_grad():
+        approx_kl = (logp_old - logp_new).mean()
+        clipfrac = (ratio.gt(1 + clip_ratio) | ratio.lt(1 - clip_ratio)).float().mean()
+    return ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac)
+
+
+def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
+    logit_new, logit_old, action, value_new, value_old, adv, return_, weight = data
+    policy, info = ppo_policy_error((logit_new, logit_old, action, adv, weight), clip_ratio, dual_clip)
+    w = torch.ones_like(value_old) if weight is None else weight
+    if use_value_clip:
+        value_clip = value_old + (value_new - value_old).clamp(-clip_ratio, clip_ratio)
+        value_loss = 0.5 * (torch.max((return_ - value_new).pow(2), (return_ - value_clip).pow(2)) * w).mean()
+    else:
+        value_loss = 0.5 * ((return_ - value_new).pow(2) * w).mean()
+    return ppo_loss(policy.policy_loss, value_loss, policy.entropy_loss), info
+
+
+def a2c_error(data):
+    logit, action, value, adv, return_, weight = data
+    if weight is None:
+        weight = torch.ones_like(value)
+    dist = torch.distributions.categorical.Categorical(logits=logit)
+    logp = dist.log_prob(action)
+    entropy_loss = (dist.entropy() * weight).mean()
+    policy_loss = -(logp * adv * weight).mean()
+    value_loss = (F.mse_loss(return_, value, reduction="none") * weight).mean()
+    return a2c_loss(policy_loss, value_loss, entropy_loss)

@@ -187,6 +187,26 @@ def _value(case: Case, rank: int, world: int):
     return evaluate(fn, mine, reduction=case.reduction, wrt=wrt(case))
 
 
+def log_prob_entropy_inputs(world: int):
+    """Full logits (6, 4, N), actions with padding (-100) and upstream gradients."""
+    inp = case_inputs(Case("log-prob-entropy", (6, 4), torch.float32, "none"), world)
+    action = inp.action.clone()
+    action[0, 1] = action[3, 3] = -100
+    g = torch.Generator().manual_seed(9)
+    ups = torch.randn(2, 6, 4, generator=g)
+    return inp.logit, action, ups
+
+
+def _log_prob_entropy(rank: int, world: int):
+    """This rank's (log_prob, entropy, shard gradient) of pgext.distributed.log_prob_entropy."""
+    splits, starts = layout(world)
+    logit, action, ups = log_prob_entropy_inputs(world)
+    mine = logit[..., starts[rank]:starts[rank] + splits[rank]].clone().requires_grad_()
+    log_prob, entropy = pgext.distributed.log_prob_entropy(mine, action, vocab_start=starts[rank], ignore_index=-100)
+    torch.autograd.backward([log_prob, entropy], [ups[0], ups[1]])
+    return log_prob.detach(), entropy.detach(), mine.grad
+
+
 def _ddp(rank: int, world: int):
     model, obs, action, return_ = ddp_problem()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -235,6 +255,7 @@ def worker(rank: int, world: int, store: str, out_dir: str, scenario: str, timeo
         if scenario == "failure":
             _failure(rank, world, timeout, events, save)
         result["values"] = {case.name: _value(case, rank, world) for case in cases(world)}
+        result["log_prob_entropy"] = _log_prob_entropy(rank, world)
         result["errors"] = {name: _outcome(call) for name, call in _error_cases(rank, world).items()}
         # the same group, after all those errors: still in step
         result["after_errors"] = _value(cases(world)[0], rank, world)

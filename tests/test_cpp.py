@@ -546,7 +546,7 @@ def test_cpp_tests_under_address_and_undefined_sanitizers(scripted_module):
     env = dict(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     exe = build / "pgext_cpp_tests"
-    for group in ("values", "grads", "errors", "broadcast", "info"):
+    for group in ("values", "grads", "errors", "broadcast", "log_prob_entropy", "info"):
         out = _run([exe, group], timeout=600, **env)
         assert "AddressSanitizer" not in out and "runtime error" not in out, out[-4000:]
         assert re.search(r"^\d+ passed, 0 failed$", out, re.M), out[-2000:]

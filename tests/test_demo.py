@@ -74,3 +74,21 @@ def test_token_level_example_runs_and_matches(tmp_path):
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "padded tokens' dlogits all 0: yes -> match" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_token_level_ppo_example_runs_and_matches():
+    """examples/token_level_ppo.py at a small size: pgext and the TRL-style
+    composition agree (loss, gradient, both against float64) and padding gets
+    no gradient."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "token_level_ppo.py"), "--vocab", "700", "--batch", "4",
+         "--group", "2", "--seq", "16", "--repeats", "1"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "padded tokens' gradients all 0: yes" in proc.stdout, proc.stdout[-3000:]
+    assert "pgext and the composition agree: yes" in proc.stdout, proc.stdout[-3000:]

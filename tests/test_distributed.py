@@ -100,6 +100,23 @@ def test_matches_single_device(world, name, spawned):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_log_prob_entropy_matches_single_device(world, spawned):
+    """pgext.distributed.log_prob_entropy (padding ignored) against
+    pgext.log_prob_entropy on the gathered logits: values and each shard's gradient."""
+    logit, action, ups = W.log_prob_entropy_inputs(world)
+    full = logit.clone().requires_grad_()
+    want = pgext.log_prob_entropy(full, action, ignore_index=-100)
+    torch.autograd.backward(list(want), [ups[0], ups[1]])
+    splits, starts = W.layout(world)
+    for rank, res in enumerate(spawned(world)):
+        log_prob, entropy, grad = res["log_prob_entropy"]
+        torch.testing.assert_close(log_prob, want[0].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, want[1].detach(), rtol=1e-5, atol=1e-5)
+        assert log_prob[0, 1] == 0 and entropy[3, 3] == 0
+        torch.testing.assert_close(grad, full.grad[..., starts[rank]:starts[rank] + splits[rank]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_masked_rows_are_exercised(world):
     # the inputs really have what the cases claim: a row with no finite logit in one shard
     # (but a finite action logit), actions in every shard, and a row masked everywhere

@@ -17,8 +17,10 @@ The README's C++ program is built and run by tests/test_cpp.py.
 from __future__ import annotations
 
 import glob
+import os
 import re
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -143,10 +145,18 @@ def test_torchrun_programs_run(block, tmp_path):
     program.write_text(block.code)
     # torchrun is `python -m torch.distributed.run`; the port through torchrun's own environment
     # variable, so that parallel runs do not collide
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc, str(program)],
-                          cwd=ROOT, env=subprocess_env(PET_MASTER_PORT=_free_port()),
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{block.where}: the program failed\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+    # In a session of its own: a hung run is killed with its workers (torchrun's
+    # children), which would otherwise outlive the test holding their ports.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc, str(program)],
+                            cwd=ROOT, env=subprocess_env(PET_MASTER_PORT=_free_port()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{block.where}: the program did not finish in 180 s\n{stderr[-4000:]}\n{stdout[-2000:]}")
+    assert proc.returncode == 0, f"{block.where}: the program failed\n{stderr[-4000:]}\n{stdout[-2000:]}"
 
 
 def _makefile_targets() -> set[str]:

@@ -209,6 +209,30 @@ void test_broadcast() {
       "a (B, 1) return against (B,) actions");
 }
 
+// The per-sample primitive: log p(a) and H, padding ignored, gradients of both.
+void test_log_prob_entropy() {
+  torch::manual_seed(12);
+  auto logit = torch::randn({4, 6, 9}).requires_grad_(true);
+  auto action = torch::randint(0, 9, {4, 6});
+  action.index_put_({1, 2}, -100);
+  const auto out = pgext::log_prob_entropy(logit, action, {.ignore_index = -100});
+  const auto keep = action != -100;
+  const auto logp = torch::log_softmax(logit.detach(), -1);
+  const auto want_lp = logp.gather(-1, action.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep;
+  const auto want_h = -(logp.exp() * logp).sum(-1) * keep;
+  check(out.log_prob.sizes() == action.sizes() && out.entropy.sizes() == action.sizes(), "log_prob_entropy: shapes");
+  check(torch::allclose(out.log_prob, want_lp, 1e-5, 1e-6), "log_prob_entropy: log_prob");
+  check(torch::allclose(out.entropy, want_h, 1e-5, 1e-6), "log_prob_entropy: entropy");
+  check(out.log_prob[1][2].item<float>() == 0.0f && out.entropy[1][2].item<float>() == 0.0f,
+        "log_prob_entropy: ignored sample is 0");
+  (out.log_prob.sum() - 0.5 * out.entropy.sum()).backward();
+  check(logit.grad().defined() && logit.grad()[1][2].abs().max().item<float>() == 0.0f,
+        "log_prob_entropy: ignored sample gets no gradient");
+  expect_throw<c10::IndexError>(
+      [&] { pgext::log_prob_entropy(logit.detach(), action.clamp_min(0) + 9); }, "out of range",
+      "log_prob_entropy: out-of-range action");
+}
+
 void test_errors() {
   const Case c = make_case(4, 7, false);
   for (int64_t bad : {int64_t{-1}, int64_t{7}, int64_t{1} << 40}) {
@@ -269,6 +293,7 @@ int main(int argc, char** argv) {
     if (group == "grads" || group == "all") test_grads();
     if (group == "errors" || group == "all") test_errors();
     if (group == "broadcast" || group == "all") test_broadcast();
+    if (group == "log_prob_entropy" || group == "all") test_log_prob_entropy();
     if (group == "info" || group == "all") test_info();
     if (group == "script") {
       if (argc < 3) {

@@ -1,0 +1,49 @@
+// log_prob_entropy: the per-sample log pi(a|s) and entropy H of a categorical
+// policy, the two quantities PPO, A2C and token-level GRPO losses are made of.
+//
+// They are pg_error's per-sample terms with a return of -1 and no reduction:
+// policy = -w * R * log p(a) = log p(a) and entropy = H (w = 1). So this op is
+// pg_error itself (CompositeImplicitAutograd): its fused forward and backward
+// kernels on every backend, its C++ autograd (any order, forward mode), Meta
+// kernel, vmap rules and torch.compile support, with no kernel of its own.
+// Saved for backward: pg_error's float64 lse and entropy, 12 bytes a sample
+// (16 with ignore_index: the weight that masks the ignored samples).
+#include "pg_checks.h"
+#include "pg_ops.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace pgext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
+    const at::Tensor& logit,
+    const at::Tensor& action,
+    std::optional<int64_t> ignore_index) {
+  TORCH_CHECK_VALUE(logit.defined() && action.defined(), "log_prob_entropy: logit and action must be tensors");
+  check_logit_and_action(logit, action);
+  // float32 per-sample outputs for half-type logits (the kernels' accumulation
+  // type), float64 for float64: the dtype a ratio exp(log_prob - old) needs.
+  const at::Tensor minus_one = at::full({}, -1.0, logit.options().dtype(acc_type(logit.scalar_type())));
+  if (!ignore_index.has_value()) {
+    return ops::pg_error(logit, action, minus_one, std::nullopt, "none");
+  }
+  // Ignored samples (LLM padding) read class 0 with weight 0: never
+  // range-checked, no gradient; their outputs are set to exactly 0 (the weight
+  // alone would leave -0 and keep a NaN of a padding row's logits).
+  const at::Tensor keep = action != *ignore_index;
+  const at::Tensor safe_action = at::where(keep, action, at::zeros({}, action.options()));
+  auto [log_prob, entropy] =
+      ops::pg_error(logit, safe_action, minus_one, keep.to(minus_one.scalar_type()), "none");
+  const at::Tensor zero = at::zeros({}, log_prob.options());
+  return {at::where(keep, log_prob, zero), at::where(keep, entropy, zero)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pgext, CompositeImplicitAutograd, m) {
+  m.impl("log_prob_entropy", &log_prob_entropy);
+}
+
+}  // namespace pgext

@@ -1,0 +1,164 @@
+"""pgext.log_prob_entropy: per-sample log-probabilities and entropy against
+Categorical, for any upstream gradients, with ignore_index, under the
+transforms and compilers."""
+import pytest
+import torch
+
+import pgext
+from conftest import dtype_id, finite_mask
+
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+
+
+def _inputs(shape, n, dtype, seed=0, mask=False):
+    g = torch.Generator().manual_seed(seed)
+    logit = torch.randn(*shape, n, generator=g, dtype=torch.float64) * 2
+    action = torch.randint(0, n, shape, generator=g)
+    if mask:
+        m = torch.rand(*shape, n, generator=g) < 0.3
+        m.scatter_(-1, action.unsqueeze(-1), False)
+        logit = logit.masked_fill(m, float("-inf"))
+    return logit.to(dtype), action
+
+
+def _run(fn, logit, action, ups, **kw):
+    x = logit.detach().clone().requires_grad_()
+    out = fn(x, action, **kw)
+    pairs = [(o, u) for o, u in zip(out, ups) if u is not None]
+    grad, = torch.autograd.grad([o for o, _ in pairs], [x], [u.to(o.dtype) for o, u in pairs])
+    return [o.detach() for o in out], grad
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("shape,n", [((64,), 2), ((3, 5), 18), ((7,), 1000), ((2, 2, 3), 37)], ids=str)
+@pytest.mark.parametrize("which", ["both", "log_prob", "entropy"])
+def test_matches_categorical(dtype, shape, n, which):
+    """Values (float32 for half types, float64 for float64) and the logits'
+    gradient for independent per-sample upstream gradients of either output,
+    or one alone (the other's gradient None)."""
+    logit, action = _inputs(shape, n, dtype, seed=n, mask=n > 2)
+    g = torch.Generator().manual_seed(1)
+    ups = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    if which != "both":
+        ups[0 if which == "entropy" else 1] = None
+    got, grad = _run(pgext.log_prob_entropy, logit, action, ups)
+    # (-inf masks as a finite value far below the row: Categorical's own trick overflows to NaN gradients)
+    want, want_grad = _run(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, ups)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for a, e in zip(got, want):
+        assert a.dtype == acc and a.shape == action.shape
+        torch.testing.assert_close(a.double(), e, rtol=TOL[dtype], atol=TOL[dtype])
+    assert grad.dtype == dtype
+    tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol)
+
+
+def test_ignore_index():
+    """Padding: log_prob and entropy exactly 0, gradient rows exactly 0, and
+    the ignored value is never range-checked; the other samples are unchanged."""
+    logit, action = _inputs((4, 6), 11, torch.float32, seed=3)
+    padded = action.clone()
+    padded[0, 2] = padded[3, 5] = -100
+    g = torch.Generator().manual_seed(2)
+    ups = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    got, grad = _run(pgext.log_prob_entropy, logit, padded, ups, ignore_index=-100)
+    full, full_grad = _run(pgext.log_prob_entropy, logit, action, ups)
+    keep = padded != -100
+    for a, e in zip(got, full):
+        assert torch.equal(a[keep], e[keep])
+        assert torch.all(a[~keep] == 0) and not torch.signbit(a[~keep]).any()
+    assert torch.equal(grad[keep], full_grad[keep])
+    assert torch.all(grad[~keep] == 0)
+    want, want_grad = _run(pgext.reference.log_prob_entropy, logit.double(), padded, ups, ignore_index=-100)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=2e-5, atol=2e-5)
+    # an ignore_index inside [0, N) ignores that class's samples
+    out = pgext.log_prob_entropy(logit, action, ignore_index=int(action[1, 1]))
+    assert out[0][1, 1] == 0
+    # other out-of-range actions are still refused
+    bad = padded.clone()
+    bad[1, 1] = 11
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"action 11"):
+        pgext.log_prob_entropy(logit, bad, ignore_index=-100)
+
+
+def test_bad_arguments():
+    logit, action = _inputs((3,), 4, torch.float32)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pgext.log_prob_entropy(logit, action, ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pgext.log_prob_entropy(logit, action, ignore_index=True)
+    with pytest.raises(TypeError, match="logit must be a torch.Tensor"):
+        pgext.log_prob_entropy([1.0], action)
+    with pytest.raises(ValueError, match="action must have shape"):
+        pgext.log_prob_entropy(logit, action[:2])
+    with pytest.raises(TypeError, match="integer class indices"):
+        pgext.log_prob_entropy(logit, action.float())
+    with pytest.raises(pgext.ActionOutOfRangeError):
+        pgext.log_prob_entropy(logit, action + 4)
+
+
+def test_saves_at_most_16_bytes_per_sample():
+    """Besides its inputs, autograd keeps pg_error's float64 lse and float32
+    entropy (12 bytes a sample), and with ignore_index the weight (16)."""
+    logit, action = _inputs((256,), 1000, torch.float32)
+    padded = action.clone()
+    padded[::7] = -100
+    for kw, limit in (({}, 12), ({"ignore_index": -100}, 16)):
+        x = logit.clone().requires_grad_()
+        inputs = {x.untyped_storage().data_ptr(), action.untyped_storage().data_ptr(),
+                  padded.untyped_storage().data_ptr()}
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pgext.log_prob_entropy(x, padded if kw else action, **kw)
+        assert sum(seen.values()) <= limit * 256 + 64, (kw, seen)
+        (out[0].sum() + out[1].sum()).backward()
+
+
+def test_opcheck_and_gradcheck():
+    logit, action = _inputs((3, 4), 6, torch.float64, seed=5)
+    padded = action.clone()
+    padded[1, 2] = -1
+    torch.library.opcheck(torch.ops.pgext.log_prob_entropy.default, (logit.float(), action, None))
+    torch.library.opcheck(torch.ops.pgext.log_prob_entropy.default, (logit.float().requires_grad_(), padded, -1))
+    x = logit.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pgext.log_prob_entropy(t, padded, ignore_index=-1), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: pgext.log_prob_entropy(t, padded, ignore_index=-1), (x,))
+    assert torch.autograd.gradcheck(lambda t: pgext.log_prob_entropy(t, action), (x,), check_forward_ad=True)
+
+
+def test_compile_and_vmap():
+    logit, action = _inputs((8, 5), 7, torch.float32, seed=6)
+
+    def loss(x):
+        log_prob, entropy = pgext.log_prob_entropy(x, action, ignore_index=-100)
+        return (log_prob.exp() * 0.3 - 0.01 * entropy).sum()
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(logit), loss(logit))
+        torch.testing.assert_close(torch.func.grad(compiled)(logit), torch.func.grad(loss)(logit))
+    finally:
+        torch._dynamo.reset()
+    ensemble = torch.randn(3, 8, 5, 7)
+    got = torch.func.vmap(torch.func.grad(loss))(ensemble)
+    torch.testing.assert_close(got, torch.stack([torch.func.grad(loss)(e) for e in ensemble]))
+
+
+def test_large_vocabulary_bfloat16_tokens():
+    """Token-level shape: (2, 33) bfloat16 logits over 32000 classes with padding."""
+    logit, action = _inputs((2, 33), 32000, torch.bfloat16, seed=8)
+    action[1, 20:] = -100
+    log_prob, entropy = pgext.log_prob_entropy(logit, action, ignore_index=-100)
+    want = pgext.reference.log_prob_entropy(logit.double(), action, ignore_index=-100)
+    torch.testing.assert_close(log_prob.double(), want[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), want[1], rtol=1e-5, atol=1e-4)
