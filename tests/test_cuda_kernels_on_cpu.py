@@ -15,6 +15,7 @@ without its tree barrier must be caught. No GPU or CUDA toolkit is needed.
 import math
 import platform
 import shutil
+import textwrap
 
 import pytest
 import torch
@@ -320,6 +321,32 @@ def test_a_missing_barrier_in_the_reduction_is_caught(emulated):
 
 
 # ------------------------------------------------------------------------ the emulation itself
+def test_launch_rewrite():
+    """Launches become host launches whatever their layout (comments, lines,
+    template arguments), line numbers are kept, and a launch the rewrite does
+    not understand fails the build."""
+    source = textwrap.dedent("""\
+        void f() {
+          int a = 1;  // a comment; with <<< in it
+          k<float, 2>
+              <<<grid(n), 256, 0,
+                 stream>>>(a, g(b, c));
+          h<<<1, 32>>>();
+          int z = 2;
+        }
+        """)
+    out = cuda_host_build.rewrite_launches(source, "test.cu").splitlines()
+    assert len(out) == source.count("\n")
+    assert out[2].strip() == "::cuda_host::launch(::cuda_host::config(grid(n), 256, 0, stream), k<float, 2>, a, g(b, c))"
+    assert out[4].strip() == ";"
+    assert out[5].strip() == "::cuda_host::launch(::cuda_host::config(1, 32), h);"
+    assert out[6].strip() == "int z = 2;"
+    with pytest.raises(ValueError, match="not rewritten"):
+        cuda_host_build.rewrite_launches("int x = y >>> 2;", "test.cu")
+    with pytest.raises(ValueError, match="without"):
+        cuda_host_build.rewrite_launches("k<<<1, 2>(x);", "test.cu")
+
+
 def expected_warp_ops(block, width):
     """CUDA's documented results of warp_ops_kernel (tests/cuda_host/harness_ops.cu)."""
     rows = []

@@ -81,13 +81,14 @@ def rewrite_launches(text: str, name: str) -> str:
             raise ValueError(f"{name}: no argument list after '>>>'")
         close_args = _matching_paren(text, open_args)
         args = text[open_args + 1:close_args]
-        indent = kernel[:len(kernel) - len(kernel.lstrip())]
-        launch = (f"{indent}::cuda_host::launch(::cuda_host::config({config}), {kernel.strip()}"
+        # the launch starts where the kernel's name did; the newlines it
+        # spanned follow it
+        lead = len(kernel) - len(kernel.lstrip())
+        launch = (f"::cuda_host::launch(::cuda_host::config({config}), {kernel.strip()}"
                   + (f", {args}" if args.strip() else "") + ")")
-        original = text[start:close_args + 1]
-        launch = launch.replace("\n", " ") + "\n" * original.count("\n")
-        out.append(text[pos:start])
-        out.append(launch)
+        spanned = text[start + lead:close_args + 1].count("\n")
+        out.append(text[pos:start + lead])
+        out.append(" ".join(launch.split()) + "\n" * spanned)
         pos = close_args + 1
     out.append(text[pos:])
     result = "".join(out)
