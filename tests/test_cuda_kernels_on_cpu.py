@@ -283,11 +283,9 @@ def test_random_schedules_give_the_same_bits(emulated, dtype, seed):
 
 def test_random_schedule_is_reproducible(emulated):
     """The same seed gives the same schedule: a race (below) reads the same
-    stale values each time, which differ from the in-order results."""
+    values each time, which differ from the in-order results."""
     results = []
     for seed in (5, 5, 0):
-        emulated.set_schedule(0)
-        emulated.neighbours(0, True)  # the stale values the race may read
         emulated.set_schedule(seed)
         results.append(emulated.neighbours(1000, False))
     assert torch.equal(results[0], results[1])
@@ -388,15 +386,15 @@ def test_broken_kernels_are_reported_not_hung(emulated, kernel, message):
 def test_a_race_on_shared_memory_is_caught_by_random_schedules(emulated):
     """Thread t reads what thread t - 1 wrote before a barrier. Without the
     barrier, running the threads in order hides the race; every random
-    schedule exposes it (the reads see the previous launch's values)."""
+    schedule exposes it: the early reads find the garbage that fills shared
+    memory at the start of each block, not the previous launch's values."""
     want = torch.tensor([0] + list(range(255))) + 1000
     for seed in (0, *SEEDS):
         emulated.set_schedule(seed)
-        emulated.neighbours(0, True)
         assert torch.equal(emulated.neighbours(1000, True), want)
-        emulated.neighbours(0, True)
         racy = emulated.neighbours(1000, False)
         assert torch.equal(racy, want) == (seed == 0), seed
+        assert ((racy == want) | (racy == -1)).all()
 
 
 def test_dynamic_shared_memory(emulated):

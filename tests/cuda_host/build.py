@@ -7,7 +7,8 @@ but for a mechanical rewrite of their copies in the build directory:
   ``::cuda_host::launch(::cuda_host::config(grid, block, shmem, stream), kernel, args)``
   (the build fails if any ``<<<`` or ``>>>`` survives);
 - ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic
-  shared memory;
+  shared memory, and a static ``__shared__`` declaration is followed by a call
+  that fills the variable with garbage (0xff bytes) in every new block;
 - ``TORCH_LIBRARY_IMPL(pgext, CUDA, m)`` registers the kernels as the CPU
   kernels of the ``pgext_cuda_host`` namespace instead, whose ops have the
   schemas of pgext's (copied from the loaded ``torch.ops.pgext``);
@@ -37,6 +38,8 @@ KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_
 _COMMENT_OR_STRING = re.compile(r'("(?:\\.|[^"\\\n])*")|(//[^\n]*)|(/\*.*?\*/)', re.S)
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:(?:alignas|__align__)\s*\(\s*\d+\s*\)\s+)*([A-Za-z_][\w:<>, ]*?)\s*(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(
+    r"\b__shared__\s+(?P<decl>[^;{}]*?\b(?P<name>[A-Za-z_]\w*)\s*(?:\[[^\];]*\]\s*)*);")
 _REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(\s*pgext\s*,\s*CUDA\s*,")
 
 
@@ -94,6 +97,11 @@ def rewrite_launches(text: str, name: str) -> str:
     result = "".join(out)
     result = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::cuda_host::dynamic_shared<{m.group(1)}>();",
                                 result)
+    # a static __shared__ variable is filled with 0xff bytes when the first
+    # thread of each block reaches its declaration
+    result = _STATIC_SHARED.sub(
+        lambda m: f"__shared__ {m.group('decl')}; ::cuda_host::shared_declared(&{m.group('name')}, "
+                  f"sizeof({m.group('name')}));", result)
     for token in ("<<<", ">>>"):
         if token in result:
             raise ValueError(f"{name}: a kernel launch was not rewritten ('{token}' remains)")

@@ -118,6 +118,7 @@ struct Engine {
   int current = -1;
   std::vector<Fiber> fibers;
   std::vector<std::vector<WarpGroup>> groups;  // per warp
+  std::vector<void*> shared_seen;  // static shared variables poisoned in this block
   int at_barrier = 0;
   uint64_t barrier_pred = 0;
 #if defined(__x86_64__)
@@ -390,6 +391,7 @@ void run_block(Engine& e) {
   for (auto& g : e.groups) {
     g.clear();
   }
+  e.shared_seen.clear();
   for (int i = 0; i < n; ++i) {
     start_fiber(e, i);
   }
@@ -530,6 +532,20 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
     case Stop::HarnessError: throw std::runtime_error(e.stop_message);
     case Stop::Exception: std::rethrow_exception(e.exception);
   }
+}
+
+void shared_declared(void* p, size_t bytes) {
+  Engine& e = engine();
+  if (!in_fiber(e)) {
+    return;
+  }
+  for (void* seen : e.shared_seen) {
+    if (seen == p) {
+      return;
+    }
+  }
+  e.shared_seen.push_back(p);
+  std::memset(p, 0xff, bytes);
 }
 
 uint64_t warp_exchange(WarpOp op, uint32_t mask, uint64_t value, int arg, int width, int size) {

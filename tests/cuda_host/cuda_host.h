@@ -40,7 +40,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 // Static shared memory: one instance per kernel instantiation, which is per
-// block because blocks run one after another.
+// block because blocks run one after another (see shared_declared).
 #define __shared__ static
 
 struct uint3 {
@@ -123,6 +123,12 @@ template <typename T>
 T* dynamic_shared() {
   return static_cast<T*>(dynamic_shared_memory());
 }
+
+// Called (by the rewrite) after the declaration of a static __shared__
+// variable: the first thread of a block to get there fills it with 0xff
+// bytes, so that reading it before writing gives garbage, not the previous
+// block's values.
+void shared_declared(void* p, size_t bytes);
 
 // ---------------------------------------------------------------- warps
 enum class WarpOp : uint8_t { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
