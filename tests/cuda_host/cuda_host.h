@@ -11,6 +11,10 @@
 // threads that can never meet (a barrier or shuffle in divergent code) are
 // reported as a deadlock instead of hanging. Blocks run one after another.
 //
+// Stricter than the hardware in one respect: a __syncthreads that some
+// threads of the block have exited before is reported as a deadlock (CUDA
+// allows __syncthreads only where the whole block reaches it).
+//
 // What this cannot show: speed, the GPU's weak memory ordering (fibers are
 // sequentially consistent), the device's exp/log (the host's libm is used) and
 // anything under __CUDA_ARCH__, which stays undefined.
