@@ -7,7 +7,7 @@
 // kernels on every backend, its C++ autograd (any order, forward mode), Meta
 // kernel, vmap rules and torch.compile support, with no kernel of its own.
 // Saved for backward: pg_error's float64 lse and entropy, 12 bytes a sample
-// (16 with ignore_index: the weight that masks the ignored samples).
+// (13 with ignore_index: the bool mask of the ignored samples).
 #include "pg_checks.h"
 #include "pg_ops.h"
 
@@ -29,13 +29,12 @@ std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
   if (!ignore_index.has_value()) {
     return ops::pg_error(logit, action, minus_one, std::nullopt, "none");
   }
-  // Ignored samples (LLM padding) read class 0 with weight 0: never
-  // range-checked, no gradient; their outputs are set to exactly 0 (the weight
-  // alone would leave -0 and keep a NaN of a padding row's logits).
+  // Ignored samples (LLM padding) get weight 0: pg_error neither checks nor
+  // reads their actions, and they get no gradient. Their outputs are set to
+  // exactly 0 (the weight alone would leave -0, or a NaN of a padding row's
+  // logits). The bool mask is all that is saved besides pg_error's state.
   const at::Tensor keep = action != *ignore_index;
-  const at::Tensor safe_action = at::where(keep, action, at::zeros({}, action.options()));
-  auto [log_prob, entropy] =
-      ops::pg_error(logit, safe_action, minus_one, keep.to(minus_one.scalar_type()), "none");
+  auto [log_prob, entropy] = ops::pg_error(logit, action, minus_one, keep, "none");
   const at::Tensor zero = at::zeros({}, log_prob.options());
   return {at::where(keep, log_prob, zero), at::where(keep, entropy, zero)};
 }

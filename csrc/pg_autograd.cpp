@@ -93,7 +93,7 @@ variable_list backward_grads(
     // (float64, so that x_a - lse is exact whatever the logits' magnitude).
     const auto acc = acc_type(logit.scalar_type());
     const at::Tensor log_prob =
-        (logit.gather(-1, action.to(at::kLong).unsqueeze(-1)).squeeze(-1).to(at::kDouble) - lse).to(acc);
+        (logit.gather(-1, gather_index(action, logit.sym_size(-1))).squeeze(-1).to(at::kDouble) - lse).to(acc);
     const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
     if (need_ret) {
       const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, log_prob.options());

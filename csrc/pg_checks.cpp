@@ -251,6 +251,10 @@ at::Tensor expand_to_action(const at::Tensor& t, const at::Tensor& action) {
   return t.sizes() == action.sizes() ? t : t.expand(action.sizes());
 }
 
+at::Tensor gather_index(const at::Tensor& action, const c10::SymInt& n) {
+  return action.to(at::kLong).clamp(0, c10::Scalar(n - 1)).unsqueeze(-1);
+}
+
 at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like) {
   return grad.sym_sizes() == like.sym_sizes() ? grad : at::sum_to(grad, like.sym_sizes());
 }

@@ -95,6 +95,12 @@ at::Tensor expand_to_action(const at::Tensor& t, const at::Tensor& action);
 // action's shape: summed over the broadcast dimensions.
 at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like);
 
+// action as an int64 gather index (..., 1) into rows of n classes. A sample of
+// weight 0 may carry any action (padding), which the kernels never read; ATen
+// code that gathers reads class 0 instead: clamped, which changes no action
+// the kernels would read, and its term is multiplied by the weight 0.
+at::Tensor gather_index(const at::Tensor& action, const c10::SymInt& n);
+
 // Flattens validated logit and action to rows (ret and weight left undefined).
 RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
 

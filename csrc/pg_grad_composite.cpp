@@ -23,7 +23,7 @@ RowTerms row_terms(const at::Tensor& x, const at::Tensor& action) {
   // keeps them out of p * logp, whose value and derivative would be NaN.
   t.logp_safe = at::where(t.p > 0, logp, at::zeros({}, logp.options()));
   t.entropy = -(t.p * t.logp_safe).sum(-1);
-  t.index = action.to(at::kLong).unsqueeze(-1);
+  t.index = gather_index(action, x.sym_size(-1));
   t.logp_action = logp.gather(-1, t.index).squeeze(-1);
   return t;
 }

@@ -76,6 +76,15 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return _mix31(value ^ position).sum()
 
 
+def checked_actions(action: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The actions the range check reads: a sample of weight 0 (padding) may
+    carry any action, so its action counts as 0. No host synchronization."""
+    if weight is None:
+        return action
+    return torch.where(weight.expand(action.shape) == 0, torch.zeros((), dtype=action.dtype, device=action.device),
+                       action)
+
+
 def build_header(
     logit: Optional[torch.Tensor],
     action: Optional[torch.Tensor],
@@ -97,7 +106,7 @@ def build_header(
     meta += [0, 0, 0, int(weight is not None), _DTYPES.index(logit.dtype), _REDUCTIONS.index(reduction)]
     header = torch.tensor(meta, dtype=torch.int64, device=device)
     if rows:
-        lo, hi = torch.aminmax(action.detach().reshape(-1).long())
+        lo, hi = torch.aminmax(checked_actions(action.detach(), weight).reshape(-1).long())
         header[4], header[5] = lo, hi
         header[7] = _fingerprint(action)
         header[8] = _fingerprint(return_)

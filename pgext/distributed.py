@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import _check_call
-from ._shard_check import build_header, check_headers
+from ._shard_check import build_header, check_headers, checked_actions
 from ._types import pg_data, pg_loss
 
 __all__ = ["pg_error", "log_prob_entropy"]
@@ -77,7 +77,8 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     header = build_header(logit, action, return_, weight, vocab_start, reduction, device, local_error is None)
     table = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     _collective("the all-gather of the shard headers", dist.all_gather, table, header, group=group)
-    check_headers(torch.stack(table).tolist(), rank, local_error, action)
+    check_headers(torch.stack(table).tolist(), rank, local_error,
+                  checked_actions(action, weight) if local_error is None else action)
 
     policy, entropy = _ShardPgError.apply(
         logit, return_, weight, action, vocab_start, reduction, group, loss_dtype)
@@ -99,10 +100,9 @@ def log_prob_entropy(logit: torch.Tensor, action: torch.Tensor, group=None, *, v
     minus_one = torch.full((), -1.0, dtype=acc, device=logit.device)
     if ignore_index is None:
         return tuple(pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, reduction="none"))
-    keep = action != ignore_index
-    safe_action = torch.where(keep, action, 0)
-    log_prob, entropy = pg_error(pg_data(logit, safe_action, minus_one), group, vocab_start=vocab_start,
-                                 weight=keep.to(acc), reduction="none")
+    keep = action != ignore_index  # weight 0: the ignored actions are neither checked nor read
+    log_prob, entropy = pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, weight=keep,
+                                 reduction="none")
     return torch.where(keep, log_prob, 0), torch.where(keep, entropy, 0)
 
 

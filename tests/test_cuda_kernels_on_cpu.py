@@ -256,6 +256,23 @@ def test_out_of_range_action_is_a_device_side_assert(emulated, n):
     compare_forward_backward(emulated, inp, "after an assert")
 
 
+@pytest.mark.parametrize("n", [18, 3000], ids=["short", "long"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_weight_zero_samples_may_carry_any_action(emulated, dtype, n):
+    """Padding: samples of weight 0 with actions outside the row (-100, n,
+    2**40) trip no assert, read nothing and get exactly zero gradient, as on
+    the CPU."""
+    inp = inputs(6, n, dtype, seed=2)
+    weight = inp.weight.clone()
+    action = inp.action.clone()
+    weight[1] = weight[4] = 0
+    action[1], action[4] = -100, n
+    case = inp._replace(action=action, weight=weight)
+    compare_forward_backward(emulated, case, "weight-0 padding")
+    grad = run_ops(emulated, case, "none")[4]
+    assert torch.all(grad[1] == 0) and torch.all(grad[4] == 0)
+
+
 # ------------------------------------------------------------------------ schedules
 def every_output(ops, inp, start):
     out = []

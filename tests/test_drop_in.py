@@ -296,3 +296,35 @@ def test_large_logits_exact_to_rounding(dtype, magnitude, n):
     # (log S summed in the accumulation type: about n roundings; float32's own
     # rounding of lse would be up to 0.03 at 1e6)
     assert (lse - exact).abs().max().item() <= 8 * n * acc_eps + 1e-12 * magnitude
+
+
+# ------------------------------------------------------------------------ weight-0 samples (padding)
+def test_weight_zero_samples_may_carry_any_action():
+    """A sample of weight 0 contributes nothing: its action (padding, -100) is
+    neither range-checked nor read, on every entry point; the others are
+    unchanged, and the padded rows get exactly zero gradient."""
+    g = torch.Generator().manual_seed(12)
+    logit = torch.randn(4, 6, 9, generator=g)
+    action = torch.randint(0, 9, (4, 6), generator=g)
+    ret = torch.randn(4, 6, generator=g)
+    mask = torch.ones(4, 6)
+    mask[1, 3:] = 0
+    padded = action.masked_fill(mask == 0, -100)
+    for reduction in ("sum", "none"):
+        x, y = logit.clone().requires_grad_(), logit.clone().requires_grad_()
+        got = pgext.pg_error(pg_data(x, padded, ret), weight=mask, reduction=reduction)
+        want = pgext.pg_error(pg_data(y, action, ret), weight=mask, reduction=reduction)
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+        sum(o.sum() for o in got).backward()
+        sum(o.sum() for o in want).backward()
+        assert torch.equal(x.grad, y.grad) and torch.all(x.grad[1, 3:] == 0)
+    _, _, lse, ent = ops.pg_error_forward(logit, padded, ret, mask, "none")
+    grad = ops.pg_error_backward(torch.ones(4, 6), torch.ones(4, 6), logit, padded, ret, mask, lse, ent, "none")
+    assert torch.all(grad[1, 3:] == 0)
+    # a bool mask works as the weight too; a nonzero weight still checks its action
+    pgext.pg_error(pg_data(logit, padded, ret), weight=mask.bool())
+    bad = padded.clone()
+    bad[0, 0] = -100
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"action -100 \(sample 0\)"):
+        pgext.pg_error(pg_data(logit, bad, ret), weight=mask)

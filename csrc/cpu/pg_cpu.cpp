@@ -79,12 +79,22 @@ const KernelSet& kernels(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? bf16_kernels() : kernels();
 }
 
+// Whether sample r has weight 0: its action is neither checked nor read
+// (padding may carry any action, e.g. -100).
+template <typename w_t>
+bool zero_weight(const w_t* w, int64_t r) {
+  return w != nullptr && w[r] == w_t(0);
+}
+
 // Checked before any kernel reads a logit, so an out-of-range action can never
 // address memory outside its row.
 void check_actions(const RowInputs& in) {
   const int64_t* a = in.action.const_data_ptr<int64_t>();
+  const bool is_double = in.weight.defined() && in.weight.scalar_type() == at::kDouble;
+  const float* wf = in.weight.defined() && !is_double ? in.weight.const_data_ptr<float>() : nullptr;
+  const double* wd = is_double ? in.weight.const_data_ptr<double>() : nullptr;
   for (int64_t r = 0; r < in.rows; ++r) {
-    if (C10_UNLIKELY(a[r] < 0 || a[r] >= in.n)) {
+    if (C10_UNLIKELY(a[r] < 0 || a[r] >= in.n) && !zero_weight(wf, r) && !zero_weight(wd, r)) {
       // the value the caller passed, not its int64 conversion
       const bool wrapped = in.action_dtype == at::kUInt64 && a[r] < 0;
       throw_action_out_of_range(c10::str(

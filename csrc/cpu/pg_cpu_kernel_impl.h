@@ -208,7 +208,8 @@ void forward_typed(const RowInputs& in, ForwardRows& out) {
   const ForwardSink<acc_t> sink(in, out);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const auto res = math::finish_row(st);
-    sink.put(r, static_cast<acc_t>(row[sink.action[r]]), st.m, res.log_s, res.entropy);
+    const int64_t a = sink.column(r);
+    sink.put(r, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0), st.m, res.log_s, res.entropy);
   });
 }
 

@@ -32,6 +32,7 @@ template <typename acc_t>
 struct ForwardSink {
   ForwardSink(const RowInputs& in, ForwardRows& out)
       : action(in.action.const_data_ptr<int64_t>()),
+        n(in.n),
         ret(in.ret.const_data_ptr<acc_t>()),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         lse(out.lse.mutable_data_ptr<double>()),
@@ -48,7 +49,14 @@ struct ForwardSink {
     entropy_weighted[r] = math::entropy_term(row_entropy, w);
   }
 
-  const int64_t* action;  // checked to lie in [0, n) before any kernel runs
+  // The action's column, or -1 for an action outside the row: only a sample
+  // of weight 0 has one (check_actions), and its logit is never read.
+  int64_t column(int64_t r) const {
+    return math::shard_column(action[r], 0, n);
+  }
+
+  const int64_t* action;
+  int64_t n;
   const acc_t* ret;
   const acc_t* weight;
   double* lse;

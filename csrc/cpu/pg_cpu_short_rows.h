@@ -132,7 +132,8 @@ void forward_short_rows(const RowInputs& in, ForwardRows& out) {
     vlog_s.store(log_s);
     (vlog_s - st.u / st.s).store(entropy);
     for (int64_t i = 0; i < live; ++i) {
-      sink.put(r0 + i, tile[sink.action[r0 + i] * W + i], m[i], log_s[i], entropy[i]);
+      const int64_t a = sink.column(r0 + i);
+      sink.put(r0 + i, a >= 0 ? tile[a * W + i] : acc_t(0), m[i], log_s[i], entropy[i]);
     }
   });
 }

@@ -53,8 +53,9 @@ struct BackwardArgs {
 
 // The gradient of elements t, t + nt, ... of row r. `reports` picks the one
 // thread per row that checks the action. An out-of-range action trips a
-// device-side assert; where asserts are compiled out, the row's gradient is
-// NaN and no element outside the row is touched.
+// device-side assert (unless the sample's weight is 0); where asserts are
+// compiled out, the row's gradient is NaN and no element outside the row is
+// touched.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void backward_row(
     const BackwardArgs<scalar_t, acc_t>& p, int64_t r, int64_t t, int64_t nt, bool reports) {
@@ -62,15 +63,16 @@ __device__ __forceinline__ void backward_row(
   constexpr int V = P::kVec;
   const int64_t n = p.n;
   const int64_t a = math::shard_column(p.action[r], p.vocab_start, n);
-  const bool in_range = a >= 0;
-  if (reports && !p.shard) {
+  const acc_t w = p.weight != nullptr ? p.weight[r] : acc_t(1);
+  // outside the row: another shard's action, or a sample of weight 0 (padding, any action)
+  const bool in_range = a >= 0 || p.shard || w == acc_t(0);
+  if (reports) {
     CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
   }
-  const acc_t w = p.weight != nullptr ? p.weight[r] : acc_t(1);
   auto c = math::grad_coef(
       p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r], w,
       p.entropy[r], p.inv_count);
-  if (!in_range && !p.shard) {
+  if (!in_range) {
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
     c.c_entropy = c.k;
   }

@@ -40,8 +40,9 @@ struct RowsArgs {
 // (called by one thread per row).
 //
 // LossFinish (pg_error_forward): the per-row outputs of pg_math.md. An
-// out-of-range action trips a device-side assert; where asserts are compiled
-// out, the row's logit is not read and its policy term is NaN.
+// out-of-range action trips a device-side assert (unless the sample's weight
+// is 0); where asserts are compiled out, the row's logit is not read and its
+// policy term is NaN.
 template <typename scalar_t, typename acc_t>
 struct LossFinish {
   const int64_t* action;
@@ -56,9 +57,13 @@ struct LossFinish {
     const auto res = math::finish_row(st);
     const int64_t a = action[r];
     const bool in_range = a >= 0 && a < n;
-    CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
-    const acc_t x_a = in_range ? static_cast<acc_t>(x[a]) : std::numeric_limits<acc_t>::quiet_NaN();
     const acc_t w = weight != nullptr ? weight[r] : acc_t(1);
+    // a sample of weight 0 (padding) may carry any action: neither checked nor read
+    const bool ignored = w == acc_t(0);
+    CUDA_KERNEL_ASSERT_MSG(in_range || ignored, "pg_error: action out of range: expected 0 <= action < N");
+    const acc_t x_a = in_range ? static_cast<acc_t>(x[a])
+        : ignored              ? acc_t(0)
+                               : std::numeric_limits<acc_t>::quiet_NaN();
     lse[r] = math::saved_lse(st.m, res.log_s);
     entropy[r] = res.entropy;
     policy[r] = math::policy_term(math::log_prob(x_a, st.m, res.log_s), ret[r], w);
