@@ -70,7 +70,15 @@ def ppo_policy_error(data: ppo_policy_data, clip_ratio: float = 0.2,
     _check_dual_clip(dual_clip)
     logit_new, logit_old, action, adv, weight = data
     logp_new, entropy = log_prob_entropy(logit_new, action)
-    logp_old = old_log_prob(logit_old, action)
+    return clipped_surrogate(logp_new, old_log_prob(logit_old, action), entropy, adv, weight, clip_ratio, dual_clip)
+
+
+def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: torch.Tensor, adv: torch.Tensor,
+                      weight: Optional[torch.Tensor], clip_ratio: float,
+                      dual_clip: Optional[float]) -> Tuple[ppo_policy_loss, ppo_info]:
+    """DI-engine's policy loss, entropy loss and info from the per-sample
+    log-probabilities and entropy (shared with pgext.reference, whose
+    log-probabilities come from Categorical)."""
     if weight is None:
         weight = torch.ones_like(adv)
     if entropy.shape != weight.shape:  # several agents sharing one advantage

@@ -3,8 +3,10 @@
 They are the yardstick for pgext's tests and benchmarks. ``pg_error`` stays
 exactly the notebook's computation (``weight`` and ``reduction`` applied on
 top of the per-sample terms the way pgext defines them); the PPO and A2C
-losses are DI-engine's formulas (``ding.rl_utils``), eager op by op, with
-``ppo_info`` as 0-d tensors as pgext returns it.
+losses are DI-engine's (``ding.rl_utils``) with their log-probabilities and
+entropies from ``Categorical``. The parts without a distribution in them,
+PPO's clipped surrogate and value loss, are ``pgext.ppo``'s own eager
+functions, checked by hand-computed cases in the tests.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ._types import a2c_loss, pg_data, pg_loss, ppo_info, ppo_loss, ppo_policy_loss
+from ._types import a2c_loss, pg_data, pg_loss, ppo_loss
 
 __all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "ppo_error", "a2c_error"]
 
@@ -50,45 +52,24 @@ def log_prob_entropy(logit, action, *, ignore_index=None):
 
 
 def ppo_policy_error(data, clip_ratio: float = 0.2, dual_clip: Optional[float] = None):
+    from .ppo import clipped_surrogate  # the surrogate itself: the same eager ops as DI-engine's
+
     logit_new, logit_old, action, adv, weight = data
-    if weight is None:
-        weight = torch.ones_like(adv)
     dist_new = torch.distributions.categorical.Categorical(logits=logit_new)
     logp_new = dist_new.log_prob(action)
     if logit_old.dim() == action.dim():  # stored old log-probabilities
         logp_old = logit_old
     else:
         logp_old = torch.distributions.categorical.Categorical(logits=logit_old).log_prob(action)
-    entropy = dist_new.entropy()
-    if entropy.shape != weight.shape:
-        entropy = entropy.mean(dim=1)
-    entropy_loss = (entropy * weight).mean()
-    ratio = torch.exp(logp_new - logp_old)
-    if ratio.shape != adv.shape:
-        ratio = ratio.mean(dim=1)
-    surr1 = ratio * adv
-    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * adv
-    if dual_clip is not None:
-        clip1 = torch.min(surr1, surr2)
-        clip2 = torch.max(clip1, dual_clip * adv)
-        policy_loss = -(torch.where(adv < 0, clip2, clip1) * weight).mean()
-    else:
-        policy_loss = (-torch.min(surr1, surr2) * weight).mean()
-    with torch.no_grad():
-        approx_kl = (logp_old - logp_new).mean()
-        clipfrac = (ratio.gt(1 + clip_ratio) | ratio.lt(1 - clip_ratio)).float().mean()
-    return ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac)
+    return clipped_surrogate(logp_new, logp_old, dist_new.entropy(), adv, weight, clip_ratio, dual_clip)
 
 
 def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
+    from .ppo import ppo_value_error
+
     logit_new, logit_old, action, value_new, value_old, adv, return_, weight = data
     policy, info = ppo_policy_error((logit_new, logit_old, action, adv, weight), clip_ratio, dual_clip)
-    w = torch.ones_like(value_old) if weight is None else weight
-    if use_value_clip:
-        value_clip = value_old + (value_new - value_old).clamp(-clip_ratio, clip_ratio)
-        value_loss = 0.5 * (torch.max((return_ - value_new).pow(2), (return_ - value_clip).pow(2)) * w).mean()
-    else:
-        value_loss = 0.5 * ((return_ - value_new).pow(2) * w).mean()
+    value_loss = ppo_value_error((value_new, value_old, return_, weight), clip_ratio, use_value_clip)
     return ppo_loss(policy.policy_loss, value_loss, policy.entropy_loss), info
 
 

@@ -67,3 +67,20 @@ def test_dtype_ratio_script_rejects_an_unknown_dtype():
     res = subprocess.run([sys.executable, "benchmarks/dtype_ratio.py", "--dtypes", "float32,int8"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown dtype 'int8'" in res.stderr, res.stderr
+
+
+def test_losses_script(tmp_path):
+    """benchmarks/losses.py at its small shapes: both tables, every timing
+    positive, the ratios computed from them."""
+    out = tmp_path / "losses.json"
+    res = run(["benchmarks/losses.py", "--quick", "--no-compile", "--thp", "off", "--budget", "0.2",
+               "--rounds", "3", "--json", str(out)])
+    assert "| 256 x 100 | float32 |" in res.stdout and "| 256 x 100 | bfloat16 |" in res.stdout, res.stdout
+    assert "| 64 x 2 |" in res.stdout, res.stdout
+    (mode,) = json.loads(out.read_text())
+    assert mode["thp"] is False
+    for rec in mode["lpe"]:
+        assert set(rec["ms"]) == {"pgext", "pg_error", "eager"}
+        assert all(m["median"] > 0 and m["runs"] >= 3 for m in rec["ms"].values())
+    for rec in mode["ppo"]:
+        assert set(rec["ms"]) == {"pgext", "reference"}
