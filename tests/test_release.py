@@ -136,7 +136,8 @@ def smoke_python(artifacts):
     # --no-compile: compiling all of torch's modules to bytecode costs more than the suite saves
     _run([python, "-m", "pip", "install", "--quiet", "--no-compile", artifacts["wheel"], TORCH_SPEC, "pytest"],
          env=_env())
-    return python
+    yield python
+    shutil.rmtree(venv, ignore_errors=True)  # torch and its CUDA libraries: 5 GB of disk
 
 
 def test_installed_wheel_smoke_suite(smoke_python, tmp_path):
