@@ -11,12 +11,13 @@ REQUIREMENTS := $(wildcard requirements/*.txt)
 # Build jobs for ninja; the CI machine has 2 cores.
 export MAX_JOBS ?= 2
 
-.PHONY: help demo test build bench clean
+.PHONY: help demo test build bench dist clean
 
 help:
 	@echo "make demo   - set up .venv, build pgext, train CartPole with it"
 	@echo "make test   - set up .venv, build pgext, run the whole test suite"
 	@echo "make bench  - benchmark pgext against the reference (python -m pgext.bench)"
+	@echo "make dist   - build the sdist and the CPU-only and CUDA wheels into dist/"
 	@echo "make clean  - remove build outputs (keeps .venv)"
 
 $(PY):
@@ -43,5 +44,14 @@ test: build
 bench: build
 	$(PY) -m pgext.bench --json benchmarks/cpu_2core.json --plot benchmarks/cpu_2core.png | tee benchmarks/cpu_2core.md
 
+# Release artifacts (tools/dist.py): the sdist, and built from it a wheel per
+# variant (dist/cpu: PGEXT_CPU_ONLY=1; dist/cu<NNN>: the CUDA kernels), with
+# stripped binaries (their debug information in a .debug.tar.gz next to the
+# wheel) and a manylinux tag from auditwheel. `make test` builds and installs
+# the CPU-only one (tests/test_release.py). DIST_VARIANTS=cpu skips CUDA.
+DIST_VARIANTS ?= cpu cuda
+dist: $(DEPS_STAMP)
+	$(PY) tools/dist.py --variants $(DIST_VARIANTS)
+
 clean:
-	rm -rf build pgext/_C*.so pgext/*.so pgext/lib pgext/include pgext/share
+	rm -rf build dist pgext/_C*.so pgext/*.so pgext/lib pgext/include pgext/share
