@@ -44,14 +44,14 @@ test: build
 bench: build
 	$(PY) -m pgext.bench --json benchmarks/cpu_2core.json --plot benchmarks/cpu_2core.png | tee benchmarks/cpu_2core.md
 
-# Release artifacts (tools/dist.py): the sdist, and built from it a wheel per
+# Release artifacts (.ci/dist.py): the sdist, and built from it a wheel per
 # variant (dist/cpu: PGEXT_CPU_ONLY=1; dist/cu<NNN>: the CUDA kernels), with
 # stripped binaries (their debug information in a .debug.tar.gz next to the
 # wheel) and a manylinux tag from auditwheel. `make test` builds and installs
 # the CPU-only one (tests/test_release.py). DIST_VARIANTS=cpu skips CUDA.
 DIST_VARIANTS ?= cpu cuda
 dist: $(DEPS_STAMP)
-	$(PY) tools/dist.py --variants $(DIST_VARIANTS)
+	$(PY) .ci/dist.py --variants $(DIST_VARIANTS)
 
 clean:
 	rm -rf build dist pgext/_C*.so pgext/*.so pgext/lib pgext/include pgext/share

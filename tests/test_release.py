@@ -1,6 +1,6 @@
 """The release artifacts as a user gets them: the sdist and the CPU-only wheel built from it.
 
-tools/dist.py (what `make dist` runs, here for the CPU-only variant only)
+.ci/dist.py (what `make dist` runs, here for the CPU-only variant only)
 builds the sdist, builds the wheel from that sdist, strips it and repairs it
 with auditwheel into build/test-dist/. The tests check the artifacts, then
 install the wheel into a new virtual environment (torch from the package
@@ -49,9 +49,9 @@ def _env():
 
 @pytest.fixture(scope="module")
 def artifacts():
-    """tools/dist.py --variants cpu: {'sdist', 'wheel', 'debug'}; the seconds it took in 'seconds'."""
+    """.ci/dist.py --variants cpu: {'sdist', 'wheel', 'debug'}; the seconds it took in 'seconds'."""
     start = time.monotonic()
-    _run([sys.executable, ROOT / "tools" / "dist.py", "--variants", "cpu", "--out", OUT], env=_env(), cwd=ROOT)
+    _run([sys.executable, ROOT / ".ci" / "dist.py", "--variants", "cpu", "--out", OUT], env=_env(), cwd=ROOT)
     (sdist,) = OUT.glob("pgext-*.tar.gz")
     (wheel,) = (OUT / "cpu").glob("pgext-*.whl")
     (debug,) = (OUT / "cpu").glob("pgext-*.debug.tar.gz")

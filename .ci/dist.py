@@ -1,7 +1,7 @@
 """Builds pgext's release artifacts: the sdist, and a wheel per variant built from it.
 
-    python tools/dist.py                    # make dist: sdist, CPU-only and CUDA wheels into dist/
-    python tools/dist.py --variants cpu     # the sdist and the CPU-only wheel only
+    python .ci/dist.py                    # make dist: sdist, CPU-only and CUDA wheels into dist/
+    python .ci/dist.py --variants cpu     # the sdist and the CPU-only wheel only
 
 Into ``--out`` (default ``dist/``)::
 
