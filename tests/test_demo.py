@@ -1,6 +1,7 @@
 """`make demo`'s training loop (python -m pgext.demo), run for a few episodes."""
 import math
 
+import numpy as np
 import pytest
 
 gym = pytest.importorskip("gymnasium")
@@ -57,9 +58,49 @@ def test_cli_writes_summary_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("algo", ["a2c", "ppo"])
+def test_actor_critic_loops_run_and_time_both_implementations(algo):
+    result = demo.train(_short(algo=algo, seed=3))
+    assert result.episodes == 8 and result.updates == 2
+    assert result.loss_name == "pgext" and result.shadow_name == "reference"
+    assert all(math.isfinite(v) for losses in result.losses for v in losses)
+    assert result.loss_s > 0 and result.shadow_s > 0
+
+
+@pytest.mark.parametrize("algo", ["a2c", "ppo"])
+def test_actor_critic_reference_mode_matches(algo):
+    """The reference's losses train the same run: the same returns and first losses."""
+    ref = demo.train(_short(algo=algo, seed=5, reference=True, episodes=4))
+    ours = demo.train(_short(algo=algo, seed=5, episodes=4))
+    assert ref.loss_name == "reference" and ref.returns == ours.returns
+    for a, b in zip(ref.first_losses, ours.first_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_gae_by_hand():
+    from pgext.demo.actor_critic import gae
+
+    adv, target = gae([1.0, 1.0], np.array([0.5, 0.25]), gamma=0.5, lam=0.5)
+    # delta = [1 + 0.5 * 0.25 - 0.5, 1 - 0.25] = [0.625, 0.75]; adv = [0.625 + 0.25 * 0.75, 0.75]
+    assert adv.tolist() == pytest.approx([0.8125, 0.75]) and target.tolist() == pytest.approx([1.3125, 1.0])
+
+
+def test_cli_several_algorithms_one_plot(tmp_path, capsys):
+    png = tmp_path / "curves.png"
+    results = demo.main(["--algo", "reinforce,ppo", "--episodes", "4", "--plot", str(png), "--no-progress"])
+    out = capsys.readouterr().out
+    assert [r.config.algo for r in results] == ["reinforce", "ppo"]
+    assert "REINFORCE (pg_error)" in out and "PPO (ppo_error)" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_rejects_bad_options():
     with pytest.raises(SystemExit):
         demo.parse_args(["--episodes", "0"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--algo", "ppo,dqn"])
+    with pytest.raises(ValueError, match="algo must be one of"):
+        demo.train(_short(algo="dqn"))
 
 
 def test_token_level_example_runs_and_matches(tmp_path):

@@ -1,0 +1,6 @@
+import sys
+
+from . import main
+
+main()
+sys.exit(0)
