@@ -8,7 +8,7 @@ then ``(loss.policy_loss - 0.01 * loss.entropy_loss).backward()``) for each
 dtype in one process, one dtype after the other call by call, so that noise
 hits both alike, and prints the median times and their ratio to the first.
 
-The inputs and the step are the benchmark's own (pgext._bench_measure), so
+The inputs and the step are the benchmark's own (pgext.bench.measure), so
 each dtype has its own leaf logits: one float32 tensor shared as the source of
 the others would make them non-leaf copies whose backward adds a copy and an
 accumulation into the source's gradient. THP_MEM_ALLOC_ENABLE=1 is set before
@@ -53,8 +53,10 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    import pgext
-    from pgext._bench_measure import _inputs, _loss_step
+    from pgext.bench.measure import _inputs, _loss_step
+    from pgext.bench.ops import OPS
+
+    pg_error = OPS["pg_error"]
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +68,7 @@ def main() -> None:
     print("| --- |" + " --- |" * (2 * len(names) - 1))
     for spec in args.shapes.split(","):
         rows, n = (int(v) for v in spec.lower().split("x"))
-        steps = [_loss_step(pgext.pg_error, pgext.pg_data, *_inputs(rows, n, dt, "cpu")) for dt in dtypes]
+        steps = [_loss_step(pg_error, pg_error.pgext, _inputs(pg_error, rows, n, dt, "cpu")) for dt in dtypes]
         per_step = []
         for step in steps:
             step()  # first call: allocations

@@ -84,3 +84,22 @@ def test_losses_script(tmp_path):
         assert all(m["median"] > 0 and m["runs"] >= 3 for m in rec["ms"].values())
     for rec in mode["ppo"]:
         assert set(rec["ms"]) == {"pgext", "reference"}
+
+
+@pytest.mark.parametrize("op", ["log_prob_entropy", "ppo"])
+def test_bench_times_each_op(op, tmp_path):
+    """--op: the same tables and JSON for the other ops, the targets of that op only."""
+    out_json = tmp_path / "b.json"
+    res = run(["-m", "pgext.bench", "--op", op, "--shapes", "64x2,16x300", "--thp", "off", "--no-compile",
+               "--repeat", "3", "--json", str(out_json)])
+    assert f"### {op}: THP off" in res.stdout, res.stdout
+    data = json.loads(out_json.read_text())
+    assert data["config"]["op"] == op and all(t["bench"] == op for t in data["targets"])
+    (mode,) = data["modes"]
+    for r in mode["results"]:
+        for impl in ("pgext", "reference", "exp"):
+            assert r["impls"][impl]["median_ms"] > 0
+        assert r["impls"]["pgext"]["saved_bytes"] > 0
+    # the (64, 2) targets of ppo are evaluated; log_prob_entropy has none at these shapes
+    records = mode["results"][0]["targets"]
+    assert [t["status"] in ("PASS", "MISS") for t in records] == ([True] if op == "ppo" else [])

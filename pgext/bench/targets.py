@@ -23,6 +23,7 @@ class Target(NamedTuple):
     ratio: str  # one of RATIOS
     op: str  # ">=" or "<="
     bound: float
+    bench: str = "pg_error"  # the --op it is a target of
 
 
 _LARGE = ((2048, 32000), (512, 151936))
@@ -42,17 +43,21 @@ TARGETS: Tuple[Target, ...] = (
     Target("issue 5", _LARGE, "ref/pgext", ">=", 15.0),
     Target("issue 5", _LARGE, "compiled/pgext", ">=", 3.0),
     Target("issue 5", _LARGE, "pgext/exp", "<=", 1.5),
+    Target("issue 20", _MID + _LARGE, "ref/pgext", ">=", 10.0, "log_prob_entropy"),
+    Target("issue 20", _MID + _LARGE, "compiled/pgext", ">=", 3.0, "log_prob_entropy"),
+    Target("issue 20", _TINY, "ref/pgext", ">=", 3.0, "ppo"),
+    Target("issue 20", _MID, "ref/pgext", ">=", 8.0, "ppo"),
 )
 
 
-def targets_for(shape: Shape) -> List[Target]:
-    return [t for t in TARGETS if tuple(shape) in t.shapes]
+def targets_for(bench: str, shape: Shape) -> List[Target]:
+    return [t for t in TARGETS if t.bench == bench and tuple(shape) in t.shapes]
 
 
-def evaluate(shape: Shape, ratios: Dict[str, Optional[float]]) -> List[dict]:
-    """One record per target of ``shape``: status is PASS, MISS or n/a."""
+def evaluate(bench: str, shape: Shape, ratios: Dict[str, Optional[float]]) -> List[dict]:
+    """One record per target of ``bench`` (the --op) at ``shape``: status is PASS, MISS or n/a."""
     out = []
-    for t in targets_for(shape):
+    for t in targets_for(bench, shape):
         value = ratios.get(t.ratio)
         if value is None:
             status = "n/a"

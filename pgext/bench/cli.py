@@ -17,6 +17,8 @@ import textwrap
 from pathlib import Path
 from typing import List, Tuple
 
+from .ops import OPS
+
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = (
     (64, 2),
     (256, 18),
@@ -29,12 +31,19 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 DESCRIPTION = """\
-Times pg_error(pg_data(logit, action, return_)) forward + backward, i.e.
-    loss = pg_error(pg_data(logit, action, return_))
-    (loss.policy_loss - 0.01 * loss.entropy_loss).backward()
+Times an op of pgext forward + backward (--op, default pg_error):
+  pg_error          loss = pg_error(pg_data(logit, action, return_))
+                    (loss.policy_loss - 0.01 * loss.entropy_loss).backward()
+                    reference: pgext.reference.pg_error (Categorical)
+  log_prob_entropy  log_prob, entropy = log_prob_entropy(logit, action), both
+                    backpropagated with per-sample upstream gradients;
+                    reference: log_softmax, gather, entropy from the probabilities
+  ppo               ppo_policy_error(ppo_policy_data(logit_new, logit_old,
+                    action, adv, None)), policy - 0.01 * entropy backpropagated;
+                    reference: pgext.reference.ppo_policy_error (DI-engine's code)
 for four implementations, per shape (rows x N):
-  pgext       the compiled extension (from pgext import pg_error, pg_data)
-  reference   pgext.reference.pg_error (torch.distributions.Categorical)
+  pgext       the compiled extension
+  reference   the op's eager reference, as above
   compiled    torch.compile(reference), compiled once per shape, untimed
   exp         floor: torch.exp(logit) forward only (one exp per logit,
               one logit-sized output)
@@ -64,6 +73,8 @@ examples:
   python -m pgext.bench --shapes 64x2,4096x1000 --thp off --no-compile
   python -m pgext.bench --threads 1 --json bench_results.json --plot bench.png
   python -m pgext.bench --device cuda --dtype bfloat16
+  python -m pgext.bench --op log_prob_entropy --shapes 4096x1000,2048x32000,512x151936
+  python -m pgext.bench --op ppo --shapes 64x2,256x18,4096x1000
 
 The full default run (6 shapes, both THP modes, with torch.compile) takes
 several minutes on a small CPU machine, mostly compiling and timing the
@@ -109,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
         "--shapes", type=_shapes, default=list(DEFAULT_SHAPES), metavar="RxN[,RxN...]",
         help="comma-separated rows x N (default: %s)" % ",".join(f"{r}x{n}" for r, n in DEFAULT_SHAPES),
     )
+    p.add_argument("--op", choices=tuple(OPS), default="pg_error",
+                   help="what to time (default: pg_error); see the description")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="logit/return_ dtype (default: float32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu, or cuda (timed with CUDA events; skipped with a message if there is no GPU)")
@@ -131,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _config(args, thp: str) -> dict:
     return dict(
+        op=args.op,
         shapes=[list(s) for s in args.shapes],
         dtype=args.dtype,
         device=args.device,
@@ -143,15 +157,15 @@ def _config(args, thp: str) -> dict:
 
 
 def _worker(args) -> int:
-    from . import _bench_measure
+    from . import measure
 
-    result = _bench_measure.run(_config(args, args.thp))
+    result = measure.run(_config(args, args.thp))
     Path(args.worker_out).write_text(json.dumps(result, indent=1))
     return 0
 
 
 def _launch(args, mode: str, out: str) -> int:
-    cmd = [sys.executable, "-m", "pgext.bench", "--thp", mode, "--_worker-out", out,
+    cmd = [sys.executable, "-m", "pgext.bench", "--op", args.op, "--thp", mode, "--_worker-out", out,
            "--shapes", ",".join(f"{r}x{n}" for r, n in args.shapes),
            "--dtype", args.dtype, "--device", args.device, "--target-time", str(args.target_time)]
     if args.threads:
@@ -177,7 +191,7 @@ def main(argv=None) -> int:
 
     import torch  # already loaded by the pgext package; only for the device check
 
-    from . import _bench_report
+    from . import report, targets
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("pgext.bench: --device cuda but no CUDA device is available "
@@ -203,8 +217,8 @@ def main(argv=None) -> int:
         return 1
 
     cfg = _config(args, args.thp)
-    sections = [_bench_report.mode_report(m, cfg) for m in results]
-    comparison = _bench_report.thp_comparison(results)
+    sections = [report.mode_report(m, cfg) for m in results]
+    comparison = report.thp_comparison(results)
     if comparison:
         sections.append(comparison)
     print("\n".join(sections))
@@ -215,14 +229,14 @@ def main(argv=None) -> int:
             argv=sys.argv[1:] if argv is None else list(argv),
             config=cfg,
             environment=results[0]["environment"],
-            targets=[t._asdict() for t in __import__("pgext._bench_targets", fromlist=["TARGETS"]).TARGETS],
+            targets=[t._asdict() for t in targets.TARGETS if t.bench == args.op],
             modes=results,
         )
         Path(args.json).write_text(json.dumps(doc, indent=1))
         print(f"pgext.bench: wrote {args.json}", file=sys.stderr)
     if args.plot:
         try:
-            _bench_report.plot(results, cfg, args.plot)
+            report.plot(results, cfg, args.plot)
             print(f"pgext.bench: wrote {args.plot}", file=sys.stderr)
         except ImportError as exc:
             print(f"pgext.bench: --plot needs matplotlib ({exc}); "

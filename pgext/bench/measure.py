@@ -14,11 +14,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _bench_targets as targets
-from .reference import pg_error as reference_pg_error
+from . import targets
+from .ops import OPS, BenchOp
 
 IMPLS = ("pgext", "reference", "compiled", "exp")
-ENTROPY_WEIGHT = 0.01
 MIN_CALLS = 3  # timed calls per impl per shape, whatever the target time
 MAX_CALLS = 200_000
 MAX_ROUNDS = 10  # interleaving rounds per shape
@@ -32,15 +31,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_pgext() -> Tuple[Callable, Callable, str]:
-    """``(pg_error, pg_data, version)`` of the real extension."""
+def load_pgext(op: BenchOp) -> Tuple[Callable, str]:
+    """``(pgext's call of op, version)`` of the real extension."""
     if os.environ.get(STANDIN_ENV) == "1":
-        from .reference import pg_data, pg_error
+        return op.reference, "STAND-IN: pgext.reference (PGEXT_BENCH_STANDIN=1)"
+    from pgext import __version__
 
-        return pg_error, pg_data, "STAND-IN: pgext.reference (PGEXT_BENCH_STANDIN=1)"
-    from pgext import __version__, pg_data, pg_error
-
-    return pg_error, pg_data, __version__
+    return op.pgext, __version__
 
 
 def pgext_cpu_kernels(dtype: str) -> Optional[str]:
@@ -116,19 +113,16 @@ def _warmup(step: Callable[[], None], device: str) -> float:
 # --------------------------------------------------------- implementations
 
 
-def _inputs(rows: int, n: int, dtype: torch.dtype, device: str):
+def _inputs(op: BenchOp, rows: int, n: int, dtype: torch.dtype, device: str):
     gen = torch.Generator(device="cpu").manual_seed(rows * 1_000_003 + n)
-    logit = torch.randn(rows, n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    logit.requires_grad_(True)
-    action = torch.randint(0, n, (rows,), generator=gen, dtype=torch.int64).to(device)
-    return_ = torch.randn(rows, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    return logit, action, return_
+    return op.make_inputs(rows, n, dtype, device, gen)
 
 
-def _loss_step(fn, pg_data, logit, action, return_) -> Callable[[], None]:
+def _loss_step(op: BenchOp, fn, inputs) -> Callable[[], None]:
+    logit = inputs[0]
+
     def step():
-        loss = fn(pg_data(logit, action, return_))
-        (loss.policy_loss - ENTROPY_WEIGHT * loss.entropy_loss).backward()
+        op.loss(fn(*inputs), *inputs).backward()
         logit.grad = None
 
     return step
@@ -144,9 +138,9 @@ def _exp_step(logit) -> Callable[[], None]:
     return step
 
 
-def _saved_bytes(fn, pg_data, logit, action, return_) -> Tuple[int, int]:
+def _saved_bytes(op: BenchOp, fn, inputs) -> Tuple[int, int]:
     """(bytes, storages) autograd saves for backward, inputs excluded."""
-    inputs = {t.untyped_storage().data_ptr() for t in (logit, action, return_)}
+    owned = {t.untyped_storage().data_ptr() for t in inputs}
     seen: Dict[int, int] = {}
 
     def pack(t):
@@ -155,14 +149,13 @@ def _saved_bytes(fn, pg_data, logit, action, return_) -> Tuple[int, int]:
             key, nbytes = storage.data_ptr(), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # storage-less tensor kinds
             key, nbytes = id(t), t.numel() * t.element_size()
-        if key not in inputs:
+        if key not in owned:
             seen[key] = max(seen.get(key, 0), nbytes)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn(pg_data(logit, action, return_))
-        (loss.policy_loss - ENTROPY_WEIGHT * loss.entropy_loss).backward()
-    logit.grad = None
+        op.loss(fn(*inputs), *inputs).backward()
+    inputs[0].grad = None
     return sum(seen.values()), len(seen)
 
 
@@ -175,22 +168,22 @@ def _reason(exc: BaseException) -> str:
 # ------------------------------------------------------------------ driver
 
 
-def measure_shape(rows, n, cfg, pgext_fn, pg_data, prefix) -> dict:
+def measure_shape(rows, n, cfg, op: BenchOp, pgext_fn, prefix) -> dict:
     device, dtype = cfg["device"], getattr(torch, cfg["dtype"])
     tag = f"{prefix}{rows}x{n}"
     res: Dict[str, dict] = {name: dict(error=None) for name in IMPLS}
-    logit, action, return_ = _inputs(rows, n, dtype, device)
-    fns = {"pgext": pgext_fn, "reference": reference_pg_error}
+    inputs = _inputs(op, rows, n, dtype, device)
+    fns = {"pgext": pgext_fn, "reference": op.reference}
     steps: Dict[str, Callable[[], None]] = {
-        "pgext": _loss_step(pgext_fn, pg_data, logit, action, return_),
-        "reference": _loss_step(reference_pg_error, pg_data, logit, action, return_),
-        "exp": _exp_step(logit),
+        "pgext": _loss_step(op, pgext_fn, inputs),
+        "reference": _loss_step(op, op.reference, inputs),
+        "exp": _exp_step(inputs[0]),
     }
     if cfg["compile"]:
         torch._dynamo.reset()  # one fresh static-shape compile per shape
-        compiled = torch.compile(reference_pg_error, dynamic=False)
+        compiled = torch.compile(op.reference, dynamic=False)
         fns["compiled"] = compiled
-        steps["compiled"] = _loss_step(compiled, pg_data, logit, action, return_)
+        steps["compiled"] = _loss_step(op, compiled, inputs)
         log(f"{tag} compiled: compiling ...")
         t0 = time.perf_counter()
         try:
@@ -253,9 +246,7 @@ def measure_shape(rows, n, cfg, pgext_fn, pg_data, prefix) -> dict:
             r.update(median_ms=statistics.median(s), min_ms=min(s), calls=len(s))
             if name in fns:
                 try:
-                    r["saved_bytes"], r["saved_storages"] = _saved_bytes(
-                        fns[name], pg_data, logit, action, return_
-                    )
+                    r["saved_bytes"], r["saved_storages"] = _saved_bytes(op, fns[name], inputs)
                 except Exception as exc:  # noqa: BLE001
                     r["saved_error"] = _reason(exc)
             extra = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
@@ -267,7 +258,7 @@ def measure_shape(rows, n, cfg, pgext_fn, pg_data, prefix) -> dict:
         elif r["error"] is not None and name in per_call:
             log(f"{tag} {name}: n/a ({r['error']})")
 
-    del steps, fns, logit, action, return_
+    del steps, fns, inputs
     torch._dynamo.reset()
     gc.collect()
     if device == "cuda":
@@ -290,7 +281,7 @@ def measure_shape(rows, n, cfg, pgext_fn, pg_data, prefix) -> dict:
         logit_bytes=logit_bytes,
         impls=res,
         ratios=ratios,
-        targets=targets.evaluate((rows, n), ratios),
+        targets=targets.evaluate(op.name, (rows, n), ratios),
     )
 
 
@@ -298,7 +289,8 @@ def run(cfg: dict) -> dict:
     """Measures every shape of ``cfg``; returns the JSON-able result of this mode."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    pgext_fn, pg_data, version = load_pgext()
+    op = OPS[cfg["op"]]
+    pgext_fn, version = load_pgext(op)
     env = environment(cfg["device"], version)
     env["thp_mode"] = cfg["thp"]
     env["pgext_cpu_kernels"] = pgext_cpu_kernels(cfg["dtype"])
@@ -311,7 +303,7 @@ def run(cfg: dict) -> dict:
     t0 = time.perf_counter()
     shapes = []
     for rows, n in cfg["shapes"]:
-        shapes.append(measure_shape(rows, n, cfg, pgext_fn, pg_data, prefix))
+        shapes.append(measure_shape(rows, n, cfg, op, pgext_fn, prefix))
     env["elapsed_s"] = round(time.perf_counter() - t0, 1)
     log(f"{prefix}done in {env['elapsed_s']} s")
-    return dict(thp=cfg["thp"], environment=env, results=shapes)
+    return dict(thp=cfg["thp"], op=op.name, environment=env, results=shapes)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from . import _bench_targets as targets
+from . import targets
 
 IMPL_TITLES = {
     "pgext": "pgext",
@@ -54,7 +54,7 @@ def mode_title(mode: dict, cfg: dict) -> str:
             "off": "THP off (4 KiB pages)",
         }[mode["thp"]] + " - "
     return (
-        f"### {thp}{cfg['dtype']}, {where}, torch {env['torch']}, pgext {env['pgext']}"
+        f"### {cfg['op']}: {thp}{cfg['dtype']}, {where}, torch {env['torch']}, pgext {env['pgext']}"
     )
 
 
@@ -231,7 +231,7 @@ def plot(modes: List[dict], cfg: dict, path: str) -> None:
         ax.set_title(f"{thp}{cfg['dtype']}, {cfg['device']}, {mode['environment']['threads']} threads")
         ax.legend()
     axes[0][0].set_ylabel("ns per logit element (median, fwd+bwd)")
-    fig.suptitle(f"pg_error forward+backward, pgext {modes[0]['environment']['pgext']}", fontsize=10)
+    fig.suptitle(f"{cfg['op']} forward+backward, pgext {modes[0]['environment']['pgext']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
