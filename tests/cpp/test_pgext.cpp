@@ -233,6 +233,51 @@ void test_log_prob_entropy() {
       "log_prob_entropy: out-of-range action");
 }
 
+// PPO and A2C against their formulas written out here with log_softmax, and
+// gradients reaching the logits and the values.
+void test_losses() {
+  torch::manual_seed(13);
+  const int64_t B = 32, N = 6;
+  auto logit = torch::randn({B, N}, torch::kDouble).requires_grad_(true);
+  const auto logit_old = logit.detach() + 0.3 * torch::randn({B, N}, torch::kDouble);
+  const auto action = torch::randint(0, N, {B});
+  auto value = torch::randn({B}, torch::kDouble).requires_grad_(true);
+  const auto value_old = value.detach() + 0.3 * torch::randn({B}, torch::kDouble);
+  const auto adv = torch::randn({B}, torch::kDouble);
+  const auto ret = torch::randn({B}, torch::kDouble);
+  const auto weight = torch::rand({B}, torch::kDouble);
+  const auto [loss, info] = pgext::ppo_error({logit, logit_old, action, value, value_old, adv, ret, weight},
+                                             {.clip_ratio = 0.2, .dual_clip = 3.0});
+  const auto logp = torch::log_softmax(logit.detach(), -1);
+  const auto lp = logp.gather(-1, action.unsqueeze(-1)).squeeze(-1);
+  const auto lp_old = torch::log_softmax(logit_old, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1);
+  const auto ratio = (lp - lp_old).exp();
+  const auto clip1 = torch::min(ratio * adv, ratio.clamp(0.8, 1.2) * adv);
+  const auto term = torch::where(adv < 0, torch::max(clip1, 3.0 * adv), clip1);
+  const double want_policy = -(term * weight).mean().item<double>();
+  const double want_entropy = (-(logp.exp() * logp).sum(-1) * weight).mean().item<double>();
+  const auto v = value.detach();
+  const auto v_clip = value_old + (v - value_old).clamp(-0.2, 0.2);
+  const double want_value = 0.5 * (torch::max((ret - v).pow(2), (ret - v_clip).pow(2)) * weight).mean().item<double>();
+  check_close(loss.policy_loss.item<double>(), want_policy, 1e-10, "ppo_error: policy loss");
+  check_close(loss.entropy_loss.item<double>(), want_entropy, 1e-10, "ppo_error: entropy loss");
+  check_close(loss.value_loss.item<double>(), want_value, 1e-10, "ppo_error: value loss");
+  check_close(info.approx_kl.item<double>(), (lp_old - lp).mean().item<double>(), 1e-10, "ppo_error: approx_kl");
+  check(info.approx_kl.dim() == 0 && info.clipfrac.dim() == 0, "ppo_error: info as 0-d tensors");
+  (loss.policy_loss + 0.5 * loss.value_loss - 0.01 * loss.entropy_loss).backward();
+  check(logit.grad().defined() && value.grad().defined(), "ppo_error: gradients reach the logits and values");
+  // stored old log-probabilities give the same loss
+  const auto from_lp = pgext::ppo_policy_error({logit.detach(), lp_old, action, adv, weight}, {.dual_clip = 3.0});
+  check_close(from_lp.first.policy_loss.item<double>(), want_policy, 1e-10, "ppo_policy_error: old log-probs");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::ppo_policy_error({logit.detach(), logit_old, action, adv}, {.dual_clip = 0.5}); }, "dual_clip",
+      "ppo: dual_clip <= 1");
+  const auto a2c = pgext::a2c_error({logit.detach(), action, v, adv, ret, weight});
+  check_close(a2c.policy_loss.item<double>(), -(lp * adv * weight).mean().item<double>(), 1e-10, "a2c: policy");
+  check_close(a2c.value_loss.item<double>(), ((ret - v).pow(2) * weight).mean().item<double>(), 1e-10, "a2c: value");
+  check_close(a2c.entropy_loss.item<double>(), want_entropy, 1e-10, "a2c: entropy");
+}
+
 void test_errors() {
   const Case c = make_case(4, 7, false);
   for (int64_t bad : {int64_t{-1}, int64_t{7}, int64_t{1} << 40}) {
@@ -294,6 +339,7 @@ int main(int argc, char** argv) {
     if (group == "errors" || group == "all") test_errors();
     if (group == "broadcast" || group == "all") test_broadcast();
     if (group == "log_prob_entropy" || group == "all") test_log_prob_entropy();
+    if (group == "losses" || group == "all") test_losses();
     if (group == "info" || group == "all") test_info();
     if (group == "script") {
       if (argc < 3) {

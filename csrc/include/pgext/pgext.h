@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #if defined(_WIN32)
 #if defined(PGEXT_BUILDING_LIBRARY)
@@ -87,6 +88,73 @@ struct LogProbEntropyOptions {
 
 PGEXT_API LogProbEntropy log_prob_entropy(
     const at::Tensor& logit, const at::Tensor& action, const LogProbEntropyOptions& options = {});
+
+// DI-engine's PPO and A2C losses (ding.rl_utils; Python: pgext.ppo_policy_error,
+// pgext.ppo_error, pgext.a2c_error), on log_prob_entropy. Each sample's term
+// is multiplied by weight (none: 1), then averaged; the dual clip (> 1)
+// applies only where adv < 0; logit_old may be the old policy's per-sample
+// log-probabilities (action's shape) instead of its logits. Differentiable
+// with respect to the new logits and the values; the info is 0-d tensors (no
+// host synchronization). Throws c10::ValueError for a dual clip <= 1.
+struct PpoPolicyData {
+  at::Tensor logit_new;
+  at::Tensor logit_old;
+  at::Tensor action;
+  at::Tensor adv;
+  std::optional<at::Tensor> weight = std::nullopt;
+};
+
+struct PpoData {
+  at::Tensor logit_new;
+  at::Tensor logit_old;
+  at::Tensor action;
+  at::Tensor value_new;
+  at::Tensor value_old;
+  at::Tensor adv;
+  at::Tensor return_;
+  std::optional<at::Tensor> weight = std::nullopt;
+};
+
+struct A2cData {
+  at::Tensor logit;
+  at::Tensor action;
+  at::Tensor value;
+  at::Tensor adv;
+  at::Tensor return_;
+  std::optional<at::Tensor> weight = std::nullopt;
+};
+
+struct PpoOptions {
+  double clip_ratio = 0.2;
+  std::optional<double> dual_clip = std::nullopt;
+  bool use_value_clip = true;  // ppo_error only
+};
+
+struct PpoPolicyLoss {
+  at::Tensor policy_loss;
+  at::Tensor entropy_loss;
+};
+
+struct PpoLoss {
+  at::Tensor policy_loss;
+  at::Tensor value_loss;
+  at::Tensor entropy_loss;
+};
+
+struct PpoInfo {
+  at::Tensor approx_kl;
+  at::Tensor clipfrac;
+};
+
+struct A2cLoss {
+  at::Tensor policy_loss;
+  at::Tensor value_loss;
+  at::Tensor entropy_loss;
+};
+
+PGEXT_API std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, const PpoOptions& options = {});
+PGEXT_API std::pair<PpoLoss, PpoInfo> ppo_error(const PpoData& data, const PpoOptions& options = {});
+PGEXT_API A2cLoss a2c_error(const A2cData& data);
 
 // "mean", "sum" or "none": the reduction argument of the dispatcher op.
 PGEXT_API const char* reduction_name(Reduction reduction);
