@@ -70,8 +70,8 @@ def test_sdist_has_every_source_and_no_build_output(artifacts):
     with tarfile.open(artifacts["sdist"]) as tar:
         names = {n[len(prefix):] for n in tar.getnames() if n.startswith(prefix)}
         pkg_info = tar.extractfile(prefix + "PKG-INFO").read().decode()
-    wanted = _git_files("csrc", "cmake", "tests", "CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in",
-                        "LICENSE", "README.md", "pgext/*.py")
+    wanted = _git_files("csrc", "cmake", "tests", "docs", "examples", "benchmarks", "requirements", "Makefile",
+                        "CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md", "pgext")
     assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
     outputs = [n for n in names if re.search(r"\.(so|o|pyc)$|\.so\.|(^|/)build/|^pgext/(lib|include|share)/", n)]
     assert not outputs, outputs
