@@ -297,12 +297,17 @@ def test_bfloat16_capability_uses_avx512_bf16_where_the_cpu_has_it():
 
 _CHILD = textwrap.dedent(
     """
-    import sys, torch, pgext
+    import os, sys, torch, pgext
     inputs = torch.load(sys.argv[1])
+    # pgext's own binaries: those in its package directory and the JIT's (by name: the
+    # checkout's path may itself contain "pgext")
+    package = os.path.dirname(pgext.__file__) + os.sep
+    mapped = {l.split()[-1] for l in open("/proc/self/maps") if "/" in l and ".so" in l}
     res = {"torch_cap": torch.backends.cpu.get_cpu_capability(), "pgext_cap": pgext._C.cpu_capability(),
            "pgext_bf16_cap": pgext._C.cpu_capability(torch.bfloat16),
            "build_mode": pgext.build_mode(), "out": [],
-           "libs": sorted({l.split()[-1] for l in open("/proc/self/maps") if ".so" in l and "pgext" in l.split()[-1]})}
+           "libs": sorted(p for p in mapped
+                          if p.startswith(package) or os.path.basename(p).startswith(("libpgext", "pgext_jit")))}
     for logit, action, return_, weight, reduction in inputs:
         logit = logit.clone().requires_grad_()
         l = pgext.pg_error((logit, action, return_), weight=weight, reduction=reduction)
