@@ -125,7 +125,8 @@ def _per_rank(table: Sequence[dict], field: str, show=lambda v: v) -> str:
 
 
 def check_headers(
-    rows: List[List[int]], rank: int, local_error: Optional[BaseException], action: Optional[torch.Tensor]
+    rows: List[List[int]], rank: int, local_error: Optional[BaseException], action: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
 ) -> int:
     """Validates the gathered headers; returns the total number of classes.
 
@@ -172,7 +173,7 @@ def check_headers(
     lo = min(h["action_min"] for h in table)
     hi = max(h["action_max"] for h in table)
     if table[0]["rows"] and (lo < 0 or hi >= n_global):
-        _raise_out_of_range(table, rank, action, n_global, lo if lo < 0 else hi)
+        _raise_out_of_range(table, rank, checked_actions(action, weight), n_global, lo if lo < 0 else hi)
 
     for field, name in (("action_fp", "action"), ("has_weight", "weight (given or None)"),
                         ("return_fp", "return_"), ("weight_fp", "weight")):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import _check_call
-from ._shard_check import build_header, check_headers, checked_actions
+from ._shard_check import build_header, check_headers
 from ._types import pg_data, pg_loss
 
 __all__ = ["pg_error", "log_prob_entropy"]
@@ -54,8 +54,9 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     Returns:
         ``pg_loss(policy_loss, entropy_loss)``, the same on every rank.
 
-    Raises on every rank of the group alike: ``pgext.ActionOutOfRangeError`` (an ``IndexError`` and a ``ValueError``) for an action
-    outside ``[0, N)``; ``ValueError`` when the shards do not tile ``[0, N)``
+    Raises on every rank of the group alike: ``pgext.ActionOutOfRangeError``
+    (an ``IndexError`` and a ``ValueError``) for an action outside ``[0, N)``
+    (samples of weight 0 excepted); ``ValueError`` when the shards do not tile ``[0, N)``
     or the ranks disagree on samples, dtype, reduction, actions, returns or
     weights; a rank whose own inputs fail pg_error's checks raises that error
     and the others a ``ValueError`` that names it.
@@ -77,8 +78,7 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     header = build_header(logit, action, return_, weight, vocab_start, reduction, device, local_error is None)
     table = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     _collective("the all-gather of the shard headers", dist.all_gather, table, header, group=group)
-    check_headers(torch.stack(table).tolist(), rank, local_error,
-                  checked_actions(action, weight) if local_error is None else action)
+    check_headers(torch.stack(table).tolist(), rank, local_error, action, weight)
 
     policy, entropy = _ShardPgError.apply(
         logit, return_, weight, action, vocab_start, reduction, group, loss_dtype)
