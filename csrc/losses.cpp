@@ -3,6 +3,7 @@
 // the categorical part, then a few ATen ops, so autograd covers them.
 #include "include/pgext/pgext.h"
 #include "pg_ops.h"
+#include "ppo_surrogate.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -41,31 +42,22 @@ std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, co
   TORCH_CHECK_VALUE(
       data.logit_new.defined() && data.logit_old.defined() && data.action.defined() && data.adv.defined(),
       "pgext::ppo_policy_error: logit_new, logit_old, action and adv must be tensors");
-  auto [logp_new, entropy] = ops::log_prob_entropy(data.logit_new, data.action, std::nullopt);
+  const auto [logp_new, entropy] = ops::log_prob_entropy(data.logit_new, data.action, std::nullopt);
   const at::Tensor logp_old = old_log_prob(data.logit_old, data.action);
-  const at::Tensor& adv = data.adv;
-  const at::Tensor weight = weight_or_ones(data.weight, adv);
-  if (entropy.sizes() != weight.sizes()) {  // several agents sharing one advantage
-    entropy = entropy.mean(1);
+  const at::Tensor w = data.weight.has_value() && data.weight->defined() ? *data.weight : at::Tensor();
+  at::Tensor policy_loss, entropy_loss, approx_kl, clipfrac;
+  if (logp_new.sizes() == data.adv.sizes() && (!w.defined() || w.sizes() == data.adv.sizes())) {
+    // a non-floating weight (a mask) as eager multiplication would promote it
+    const std::optional<at::Tensor> weight =
+        w.defined() ? std::optional<at::Tensor>(at::isFloatingType(w.scalar_type()) ? w : w.to(data.adv.scalar_type()))
+                    : std::nullopt;
+    std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) = ops::ppo_surrogate(
+        logp_new, logp_old, entropy, data.adv, weight, options.clip_ratio, options.dual_clip);
+  } else {  // several agents sharing one advantage: ratio and entropy averaged over them
+    std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) =
+        ppo_surrogate_eager(logp_new, logp_old, entropy, data.adv, w, options.clip_ratio, options.dual_clip);
   }
-  const at::Tensor entropy_loss = (entropy * weight).mean();
-  at::Tensor ratio = at::exp(logp_new - logp_old);
-  if (ratio.sizes() != adv.sizes()) {
-    ratio = ratio.mean(1);
-  }
-  const double clip = options.clip_ratio;
-  const at::Tensor surr1 = ratio * adv;
-  const at::Tensor surr2 = ratio.clamp(1 - clip, 1 + clip) * adv;
-  at::Tensor policy_loss;
-  if (options.dual_clip.has_value()) {
-    const at::Tensor clip1 = at::min(surr1, surr2);
-    const at::Tensor clip2 = at::max(clip1, *options.dual_clip * adv);
-    policy_loss = -(at::where(adv < 0, clip2, clip1) * weight).mean();
-  } else {
-    policy_loss = (-at::min(surr1, surr2) * weight).mean();
-  }
-  const c10::AutoGradMode no_grad(false);
-  PpoInfo info{(logp_old - logp_new).mean(), (ratio.gt(1 + clip) | ratio.lt(1 - clip)).to(at::kFloat).mean()};
+  PpoInfo info{approx_kl, clipfrac};
   return {PpoPolicyLoss{policy_loss, entropy_loss}, info};
 }
 

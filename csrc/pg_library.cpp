@@ -27,6 +27,9 @@ TORCH_LIBRARY(pgext, m) {
       "(Tensor max, Tensor sum_exp, Tensor shifted_sum, Tensor action_logit)");
   // pg_error_backward for a shard, from the global per-sample lse and entropy;
   // actions outside the shard contribute no one-hot term.
+  m.def(
+      "pg_grad_from_stats(Tensor grad_policy, Tensor grad_entropy, Tensor logit, Tensor action, "
+      "Tensor return_, Tensor? weight, Tensor lse, Tensor entropy, str reduction, int vocab_start) -> Tensor");
   // The per-sample log-probability of the action and entropy of a categorical
   // policy, for any upstream gradients of either: pg_error's fused kernels
   // with a return of -1 and reduction 'none' (log_prob_entropy.cpp). Samples
@@ -34,7 +37,17 @@ TORCH_LIBRARY(pgext, m) {
   m.def(
       "log_prob_entropy(Tensor logit, Tensor action, int? ignore_index=None) -> "
       "(Tensor log_prob, Tensor entropy)");
+  // PPO's clipped surrogate, entropy loss, approx_kl and clipfrac (DI-engine's
+  // ppo_policy_error) from per-sample log-probabilities, entropies,
+  // advantages and weights, all of log_prob's shape (ppo_surrogate.cpp).
   m.def(
-      "pg_grad_from_stats(Tensor grad_policy, Tensor grad_entropy, Tensor logit, Tensor action, "
-      "Tensor return_, Tensor? weight, Tensor lse, Tensor entropy, str reduction, int vocab_start) -> Tensor");
+      "ppo_surrogate(Tensor log_prob, Tensor old_log_prob, Tensor entropy, Tensor adv, Tensor? weight=None, "
+      "float clip_ratio=0.2, float? dual_clip=None) -> "
+      "(Tensor policy_loss, Tensor entropy_loss, Tensor approx_kl, Tensor clipfrac)");
+  // Its forward kernel: the four results, then each sample's derivative of
+  // policy_loss by log_prob and of entropy_loss by entropy.
+  m.def(
+      "ppo_surrogate_forward(Tensor log_prob, Tensor old_log_prob, Tensor entropy, Tensor adv, Tensor? weight, "
+      "float clip_ratio, float? dual_clip) -> (Tensor policy_loss, Tensor entropy_loss, Tensor approx_kl, "
+      "Tensor clipfrac, Tensor grad_log_prob, Tensor grad_entropy)");
 }

@@ -82,5 +82,19 @@ std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
   return op.call(logit, action, ignore_index);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate(
+    const at::Tensor& log_prob,
+    const at::Tensor& old_log_prob,
+    const at::Tensor& entropy,
+    const at::Tensor& adv,
+    const std::optional<at::Tensor>& weight,
+    double clip_ratio,
+    std::optional<double> dual_clip) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::ppo_surrogate", "")
+                       .typed<decltype(ppo_surrogate)>();
+  return op.call(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip);
+}
+
 }  // namespace ops
 }  // namespace pgext

@@ -56,5 +56,14 @@ std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
     const at::Tensor& action,
     std::optional<int64_t> ignore_index);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate(
+    const at::Tensor& log_prob,
+    const at::Tensor& old_log_prob,
+    const at::Tensor& entropy,
+    const at::Tensor& adv,
+    const std::optional<at::Tensor>& weight,
+    double clip_ratio,
+    std::optional<double> dual_clip);
+
 }  // namespace ops
 }  // namespace pgext

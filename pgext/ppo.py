@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._primitives import log_prob_entropy
+from .reference import eager_surrogate
 from ._types import ppo_data, ppo_info, ppo_loss, ppo_policy_data, ppo_policy_loss, ppo_value_data
 
 __all__ = ["ppo_policy_error", "ppo_value_error", "ppo_error"]
@@ -77,27 +78,18 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: t
                       weight: Optional[torch.Tensor], clip_ratio: float,
                       dual_clip: Optional[float]) -> Tuple[ppo_policy_loss, ppo_info]:
     """DI-engine's policy loss, entropy loss and info from the per-sample
-    log-probabilities and entropy (shared with pgext.reference, whose
-    log-probabilities come from Categorical)."""
-    if weight is None:
-        weight = torch.ones_like(adv)
-    if entropy.shape != weight.shape:  # several agents sharing one advantage
-        entropy = entropy.mean(dim=1)
-    entropy_loss = (entropy * weight).mean()
-    ratio = torch.exp(logp_new - logp_old)
-    if ratio.shape != adv.shape:
-        ratio = ratio.mean(dim=1)
-    surr1 = ratio * adv
-    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * adv
-    if dual_clip is not None:
-        clip1 = torch.min(surr1, surr2)
-        clip2 = torch.max(clip1, dual_clip * adv)
-        policy_loss = -(torch.where(adv < 0, clip2, clip1) * weight).mean()
+    log-probabilities and entropy: one ``torch.ops.pgext.ppo_surrogate`` call
+    (one pass forward, one multiply per input backward) where they all have
+    one shape, DI-engine's eager ops for several agents sharing an advantage."""
+    if weight is not None and not weight.is_floating_point():
+        weight = weight.to(adv.dtype)  # a mask, promoted as eager multiplication would
+    same = logp_new.shape == adv.shape and (weight is None or weight.shape == adv.shape)
+    if same and entropy.shape == adv.shape and logp_old.shape == adv.shape:
+        policy_loss, entropy_loss, approx_kl, clipfrac = torch.ops.pgext.ppo_surrogate(
+            logp_new, logp_old, entropy, adv, weight, clip_ratio, dual_clip)
     else:
-        policy_loss = (-torch.min(surr1, surr2) * weight).mean()
-    with torch.no_grad():
-        approx_kl = (logp_old - logp_new).mean()
-        clipfrac = (ratio.gt(1 + clip_ratio) | ratio.lt(1 - clip_ratio)).float().mean()
+        policy_loss, entropy_loss, approx_kl, clipfrac = eager_surrogate(
+            logp_new, logp_old, entropy, adv, weight, clip_ratio, dual_clip)
     return ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac)
 
 

@@ -4,9 +4,10 @@ They are the yardstick for pgext's tests and benchmarks. ``pg_error`` stays
 exactly the notebook's computation (``weight`` and ``reduction`` applied on
 top of the per-sample terms the way pgext defines them); the PPO and A2C
 losses are DI-engine's (``ding.rl_utils``) with their log-probabilities and
-entropies from ``Categorical``. The parts without a distribution in them,
-PPO's clipped surrogate and value loss, are ``pgext.ppo``'s own eager
-functions, checked by hand-computed cases in the tests.
+entropies from ``Categorical`` and PPO's clipped surrogate as DI-engine's
+eager ops (``eager_surrogate``; pgext computes it in one fused op). PPO's
+value loss, which has neither, is ``pgext.ppo``'s own; the tests check both
+on hand-computed cases.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import torch
 
 import torch.nn.functional as F
 
-from ._types import a2c_loss, pg_data, pg_loss, ppo_loss
+from ._types import a2c_loss, pg_data, pg_loss, ppo_info, ppo_loss, ppo_policy_loss
 
-__all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "ppo_error", "a2c_error"]
+__all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "eager_surrogate", "ppo_error",
+           "a2c_error"]
 
 
 def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
@@ -52,8 +54,6 @@ def log_prob_entropy(logit, action, *, ignore_index=None):
 
 
 def ppo_policy_error(data, clip_ratio: float = 0.2, dual_clip: Optional[float] = None):
-    from .ppo import clipped_surrogate  # the surrogate itself: the same eager ops as DI-engine's
-
     logit_new, logit_old, action, adv, weight = data
     dist_new = torch.distributions.categorical.Categorical(logits=logit_new)
     logp_new = dist_new.log_prob(action)
@@ -61,7 +61,38 @@ def ppo_policy_error(data, clip_ratio: float = 0.2, dual_clip: Optional[float] =
         logp_old = logit_old
     else:
         logp_old = torch.distributions.categorical.Categorical(logits=logit_old).log_prob(action)
-    return clipped_surrogate(logp_new, logp_old, dist_new.entropy(), adv, weight, clip_ratio, dual_clip)
+    policy_loss, entropy_loss, approx_kl, clipfrac = eager_surrogate(
+        logp_new, logp_old, dist_new.entropy(), adv, weight, clip_ratio, dual_clip)
+    return ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac)
+
+
+def eager_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: torch.Tensor, adv: torch.Tensor,
+                    weight: Optional[torch.Tensor], clip_ratio: float,
+                    dual_clip: Optional[float]):
+    """DI-engine's PPO policy loss, entropy loss, approx_kl and clipfrac from
+    per-sample log-probabilities and entropies, as its eager ops compute them
+    (several agents sharing one advantage: ratio and entropy averaged over
+    them)."""
+    if weight is None:
+        weight = torch.ones_like(adv)
+    if entropy.shape != weight.shape:  # several agents sharing one advantage
+        entropy = entropy.mean(dim=1)
+    entropy_loss = (entropy * weight).mean()
+    ratio = torch.exp(logp_new - logp_old)
+    if ratio.shape != adv.shape:
+        ratio = ratio.mean(dim=1)
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * adv
+    if dual_clip is not None:
+        clip1 = torch.min(surr1, surr2)
+        clip2 = torch.max(clip1, dual_clip * adv)
+        policy_loss = -(torch.where(adv < 0, clip2, clip1) * weight).mean()
+    else:
+        policy_loss = (-torch.min(surr1, surr2) * weight).mean()
+    with torch.no_grad():
+        approx_kl = (logp_old - logp_new).mean()
+        clipfrac = (ratio.gt(1 + clip_ratio) | ratio.lt(1 - clip_ratio)).float().mean()
+    return policy_loss, entropy_loss, approx_kl, clipfrac
 
 
 def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
