@@ -263,11 +263,16 @@ class _ShardLinearLogProbEntropy(torch.autograd.Function):
         log_prob = torch.empty(rows, dtype=acc, device=x.device)
         entropy = torch.empty(rows, dtype=acc, device=x.device)
         lse = torch.empty(rows, dtype=torch.float64, device=x.device)
-        for lo in range(0, rows, chunk):
-            hi = min(lo + chunk, rows)
-            z = _logits(x[lo:hi], weight, bias, temperature)
-            lse[lo:hi], entropy[lo:hi], log_prob[lo:hi] = _d._global_row_stats(z, action[lo:hi], vocab_start, group)
-            del z  # before the next chunk's logits exist
+        # Autocast off, here and in backward: the products run in the inputs'
+        # own dtype, so that backward's recomputed logits are forward's
+        # whatever autocast state each runs under.
+        with torch.autocast(x.device.type, enabled=False):
+            for lo in range(0, rows, chunk):
+                hi = min(lo + chunk, rows)
+                z = _logits(x[lo:hi], weight, bias, temperature)
+                lse[lo:hi], entropy[lo:hi], log_prob[lo:hi] = _d._global_row_stats(
+                    z, action[lo:hi], vocab_start, group)
+                del z  # before the next chunk's logits exist
         ctx.save_for_backward(x, weight, bias, action, keep, lse, entropy)
         ctx.vocab_start, ctx.temperature, ctx.chunk, ctx.group = vocab_start, temperature, chunk, group
         if keep is not None:
@@ -296,23 +301,24 @@ class _ShardLinearLogProbEntropy(torch.autograd.Function):
         # half-precision shards accumulate their chunks in float32
         grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
-        for lo in range(0, rows, ctx.chunk):
-            hi = min(lo + ctx.chunk, rows)
-            xc = x[lo:hi]
-            z = _logits(xc, weight, bias, temperature)
-            g = torch.ops.pgext.pg_grad_from_stats(
-                g_lp[lo:hi], g_ent[lo:hi], z, action[lo:hi], minus_one, None if keep is None else keep[lo:hi],
-                lse[lo:hi], entropy[lo:hi], "none", ctx.vocab_start)
-            del z
-            if need_x:
-                torch.mm(g, weight, out=grad_x[lo:hi])
-            if need_w:
-                if weight.dtype == acc:
-                    grad_w.addmm_(g.t(), xc)
-                else:
-                    grad_w += torch.mm(g.t(), xc)
-            if need_b:
-                grad_b += g.sum(0, dtype=acc)
+        with torch.autocast(x.device.type, enabled=False):
+            for lo in range(0, rows, ctx.chunk):
+                hi = min(lo + ctx.chunk, rows)
+                xc = x[lo:hi]
+                z = _logits(xc, weight, bias, temperature)
+                g = torch.ops.pgext.pg_grad_from_stats(
+                    g_lp[lo:hi], g_ent[lo:hi], z, action[lo:hi], minus_one, None if keep is None else keep[lo:hi],
+                    lse[lo:hi], entropy[lo:hi], "none", ctx.vocab_start)
+                del z
+                if need_x:
+                    torch.mm(g, weight, out=grad_x[lo:hi])
+                if need_w:
+                    if weight.dtype == acc:
+                        grad_w.addmm_(g.t(), xc)
+                    else:
+                        grad_w += torch.mm(g.t(), xc)
+                if need_b:
+                    grad_b += g.sum(0, dtype=acc)
         if need_x and rows:
             # the input feeds every shard: its gradient is the sum of theirs
             # (Megatron's column-parallel backward)

@@ -8,7 +8,6 @@ computes on the gathered weight.
 from __future__ import annotations
 
 import datetime
-import os
 import re
 
 import pytest
@@ -68,7 +67,8 @@ def _compare(got, case, world):
         assert res["bias"] is None or case.bias
     if case.ignore:
         ignored = action == W.IGNORE
-        assert ignored.sum() == 3 and (got[0]["log_prob"][ignored] == 0).all() and (got[0]["entropy"][ignored] == 0).all()
+        assert ignored.sum() == 3
+        assert (got[0]["log_prob"][ignored] == 0).all() and (got[0]["entropy"][ignored] == 0).all()
 
 
 @pytest.mark.parametrize("name", [c.name for c in W.CASES])
@@ -161,8 +161,10 @@ def test_one_rank_bfloat16_and_no_grad(world1):
     (dict(chunk_size=-3), ValueError, r"chunk_size must be a positive int, got -3"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int or None, got float"),
     (dict(action=torch.zeros(3, 4)), TypeError, r"action must be an integer tensor, got torch.float32"),
-    (dict(action=torch.zeros(4, 3, dtype=torch.long)), ValueError, r"action must have shape input.shape\[:-1\] = \(3, 4\)"),
-    (dict(weight=torch.zeros(5, 6, dtype=torch.float64)), TypeError, r"linear_weight is torch.float64 but input is torch.float32"),
+    (dict(action=torch.zeros(4, 3, dtype=torch.long)), ValueError,
+     r"action must have shape input.shape\[:-1\] = \(3, 4\)"),
+    (dict(weight=torch.zeros(5, 6, dtype=torch.float64)), TypeError,
+     r"linear_weight is torch.float64 but input is torch.float32"),
     (dict(weight=torch.zeros(0, 6)), ValueError, r"holds no classes"),
 ])
 def test_bad_arguments_name_the_value(world1, kwargs, kind, pattern):
@@ -178,3 +180,20 @@ def test_double_backward_is_refused(world1):
     log_prob, _ = pgext.distributed.linear_log_prob_entropy(x, w, torch.tensor([0, 3, 6]))
     with pytest.raises(RuntimeError, match="does not support create_graph=True"):
         torch.autograd.grad(log_prob.sum(), x, create_graph=True)
+
+
+def test_autocast_leaves_the_products_in_the_inputs_dtype(world1):
+    """Backward recomputes the logits outside forward's autocast state: both
+    run in the inputs' dtype, so autocast changes nothing."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 6, generator=g, requires_grad=True)
+    w = torch.randn(9, 6, generator=g, requires_grad=True)
+    action = torch.randint(0, 9, (7,), generator=g)
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = pgext.distributed.linear_log_prob_entropy(x, w, action, chunk_size=3)
+        grads.append((out, torch.autograd.grad(out[0].sum() + out[1].sum(), (x, w))))
+    (plain, plain_grads), (cast, cast_grads) = grads
+    for a, b in zip(plain + plain_grads, cast + cast_grads):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
