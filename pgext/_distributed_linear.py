@@ -89,7 +89,8 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
         if ignore_index is not None:
             keep = action != ignore_index
         extra = [input.shape[-1], 0, _float_bits(float(temperature)), int(ignore_index is not None),
-                 ignore_index or 0, chunk_size or 0, int(torch.is_grad_enabled() and input.requires_grad),
+                 ignore_index or 0, operator.index(chunk_size or 0),
+                 int(torch.is_grad_enabled() and input.requires_grad),
                  int(linear_bias is not None)]
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
         local_error = e
@@ -123,7 +124,7 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
             f"differs between ranks {[r for r, h in enumerate(extras) if h['input_fp'] != extras[0]['input_fp']]} "
             "and rank 0")
     largest = max(h[FIELDS.index("n_local")] for h in base)
-    chunk = chunk_size if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // largest)
+    chunk = operator.index(chunk_size) if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // largest)
 
     log_prob, entropy = _ShardLinearLogProbEntropy.apply(
         x, linear_weight, linear_bias, action.reshape(-1), None if keep is None else keep.reshape(-1), vocab_start,
