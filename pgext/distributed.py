@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from . import _check_call
+from ._distributed_linear import linear_log_prob_entropy
 from ._shard_check import build_header, check_headers
 from ._types import pg_data, pg_loss
 
-__all__ = ["pg_error", "log_prob_entropy"]
+__all__ = ["pg_error", "log_prob_entropy", "linear_log_prob_entropy"]
 
 
 def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Optional[torch.Tensor] = None,
