@@ -16,26 +16,13 @@
 #include "pg_checks.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
-#include <mutex>
+#include <string>
 
 namespace pgext {
-namespace {
-
-using torch::autograd::SavedVariable;
-using torch::autograd::variable_list;
-
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// The four results, then d policy_loss / d log_prob and d entropy_loss /
-// d entropy per sample.
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 void check_surrogate_inputs(
     const at::Tensor& log_prob,
@@ -70,6 +57,10 @@ void check_surrogate_inputs(
       !dual_clip.has_value() || (std::isfinite(*dual_clip) && *dual_clip > 1.0),
       "ppo_surrogate: dual_clip must be greater than 1.0 (or None), got ", dual_clip.value_or(0.0));
 }
+
+namespace {
+
+using ForwardOutputs = SurrogateForward;
 
 // The dtype of the results but clipfrac (float32, as DI-engine's): what eager
 // type promotion of the inputs gives.
@@ -179,9 +170,8 @@ ForwardOutputs ppo_surrogate_forward_cpu(
   return surrogate_cpu_typed<float>(log_prob, old_log_prob, entropy, adv, w, clip_ratio, dual_clip, out_dtype);
 }
 
-// d(clipped objective)/d(ratio) per sample, as ATen ops on values without
-// gradient: piecewise constant in the log-probabilities, so the gradient's
-// own derivative comes from the ratio it multiplies.
+}  // namespace
+
 at::Tensor objective_slope(
     const at::Tensor& ratio, const at::Tensor& adv, double clip_ratio, std::optional<double> dual_clip) {
   const double lo = 1.0 - clip_ratio, hi = 1.0 + clip_ratio;
@@ -199,6 +189,8 @@ at::Tensor objective_slope(
   }
   return slope;
 }
+
+namespace {
 
 // The forward kernel as ATen ops: CUDA and every backend but CPU.
 ForwardOutputs ppo_surrogate_forward_composite(
@@ -236,136 +228,6 @@ ForwardOutputs ppo_surrogate_forward_meta(
   return {at::empty({}, opts), at::empty({}, opts), at::empty({}, opts), at::empty({}, opts.dtype(at::kFloat)),
           at::empty_symint(log_prob.sym_sizes(), opts), at::empty_symint(log_prob.sym_sizes(), opts)};
 }
-
-ForwardOutputs call_forward(
-    const at::Tensor& log_prob,
-    const at::Tensor& old_log_prob,
-    const at::Tensor& entropy,
-    const at::Tensor& adv,
-    const std::optional<at::Tensor>& weight,
-    double clip_ratio,
-    std::optional<double> dual_clip) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pgext::ppo_surrogate_forward", "")
-                       .typed<decltype(ppo_surrogate_forward_meta)>();
-  return op.call(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip);
-}
-
-// Backward of ppo_surrogate with respect to log_prob and entropy (the fused
-// path is taken only when nothing else needs a gradient).
-struct PpoSurrogateBackward final : public torch::autograd::TraceableFunction {
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(2);
-    const at::Tensor& g_policy = grads[0];
-    const at::Tensor& g_entropy = grads[1];
-    if (task_should_compute_output(0) && g_policy.defined()) {
-      const at::Tensor log_prob = log_prob_.unpack();
-      if (at::GradMode::is_enabled()) {
-        // create_graph: the derivative as a function of log_prob, whose own
-        // derivative is the ratio's (the slope is piecewise constant)
-        const at::Tensor old = old_log_prob_.unpack();
-        const at::Tensor adv = adv_.unpack();
-        const at::Tensor w = weight_.unpack();
-        const auto dt = grad_log_prob_.unpack().scalar_type();
-        const at::Tensor ratio = at::exp(log_prob.to(dt) - old.to(dt));
-        at::Tensor slope = objective_slope(ratio.detach(), adv.to(dt), clip_ratio_, dual_clip_);
-        if (w.defined()) {
-          slope = slope * w.to(dt);
-        }
-        const double inv_n = log_prob.numel() > 0 ? 1.0 / static_cast<double>(log_prob.numel()) : 0.0;
-        out[0] = (g_policy * (-(slope * ratio) * inv_n)).to(log_prob.scalar_type());
-      } else {
-        out[0] = (g_policy * grad_log_prob_.unpack()).to(log_prob.scalar_type());
-      }
-    }
-    if (task_should_compute_output(1) && g_entropy.defined()) {
-      out[1] = (g_entropy * grad_entropy_.unpack()).to(entropy_dtype_);
-    }
-    return out;
-  }
-
-  std::string name() const override {
-    return "PpoSurrogateBackward";
-  }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&log_prob_, &old_log_prob_, &adv_, &weight_, &grad_log_prob_, &grad_entropy_}) {
-      v->reset_data();
-    }
-  }
-
-  SavedVariable log_prob_, old_log_prob_, adv_, weight_, grad_log_prob_, grad_entropy_;
-  double clip_ratio_ = 0.2;
-  std::optional<double> dual_clip_;
-  at::ScalarType entropy_dtype_ = at::kFloat;
-};
-
-bool has_tangent(std::initializer_list<const at::Tensor*> inputs) {
-  for (const at::Tensor* t : inputs) {
-    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) {
-      return true;
-    }
-  }
-  return false;
-}
-
-Outputs ppo_surrogate_autograd(
-    const at::Tensor& log_prob,
-    const at::Tensor& old_log_prob,
-    const at::Tensor& entropy,
-    const at::Tensor& adv,
-    const std::optional<at::Tensor>& weight,
-    double clip_ratio,
-    std::optional<double> dual_clip) {
-  const at::Tensor w = weight.value_or(at::Tensor());
-  check_dense({{"log_prob", &log_prob}, {"old_log_prob", &old_log_prob}, {"entropy", &entropy}, {"adv", &adv},
-               {"weight", &w}});
-  check_surrogate_inputs(log_prob, old_log_prob, entropy, adv, w, clip_ratio, dual_clip);
-  // A gradient for the old log-probabilities, the advantages or the weights,
-  // or a forward-mode tangent anywhere: DI-engine's ops, which record them.
-  if (torch::autograd::compute_requires_grad(old_log_prob, adv, w) ||
-      has_tangent({&log_prob, &old_log_prob, &entropy, &adv, &w})) {
-    return ppo_surrogate_eager(log_prob, old_log_prob, entropy, adv, w, clip_ratio, dual_clip);
-  }
-  ForwardOutputs out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = call_forward(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip);
-  }
-  auto& [policy_loss, entropy_loss, approx_kl, clipfrac, grad_lp, grad_ent] = out;
-  if (torch::autograd::compute_requires_grad(log_prob, entropy)) {
-    auto node = c10::make_intrusive<PpoSurrogateBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(log_prob, entropy));
-    node->log_prob_ = SavedVariable(log_prob, false);
-    node->old_log_prob_ = SavedVariable(old_log_prob, false);
-    node->adv_ = SavedVariable(adv, false);
-    node->weight_ = SavedVariable(w, false);
-    node->grad_log_prob_ = SavedVariable(grad_lp, false);
-    node->grad_entropy_ = SavedVariable(grad_ent, false);
-    node->clip_ratio_ = clip_ratio;
-    node->dual_clip_ = dual_clip;
-    node->entropy_dtype_ = entropy.scalar_type();
-    torch::autograd::set_history(policy_loss, node);
-    torch::autograd::set_history(entropy_loss, node);
-  }
-  return {policy_loss, entropy_loss, approx_kl, clipfrac};
-}
-
-// Below autograd (no_grad, inference mode, tracing): the forward kernel.
-Outputs ppo_surrogate_no_grad(
-    const at::Tensor& log_prob,
-    const at::Tensor& old_log_prob,
-    const at::Tensor& entropy,
-    const at::Tensor& adv,
-    const std::optional<at::Tensor>& weight,
-    double clip_ratio,
-    std::optional<double> dual_clip) {
-  auto out = call_forward(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate_eager(
@@ -401,12 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate_eager(
           (ratio.gt(1 + clip_ratio) | ratio.lt(1 - clip_ratio)).to(at::kFloat).mean()};
 }
 
-TORCH_LIBRARY_IMPL(pgext, Autograd, m) {
-  m.impl("ppo_surrogate", &ppo_surrogate_autograd);
-}
-
 TORCH_LIBRARY_IMPL(pgext, CompositeExplicitAutograd, m) {
-  m.impl("ppo_surrogate", &ppo_surrogate_no_grad);
   m.impl("ppo_surrogate_forward", &ppo_surrogate_forward_composite);
 }
 
