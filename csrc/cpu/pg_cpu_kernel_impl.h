@@ -88,8 +88,11 @@ inline auto load_tail(const scalar_t* x, int64_t rest) {
   return std::pair<V, V>(V::set(neg_inf, a, first), V::set(neg_inf, b, second));
 }
 
+// The statistics of the block's logits divided by the temperature (inv_t =
+// 1 / T): the max of the unscaled logits, scaled (the same value, see
+// math::scaled_logit), then the sums of x * inv_t - m.
 template <typename scalar_t>
-RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) {
+RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> inv_t) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
@@ -109,8 +112,8 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
   if (rest > 0) {
     vmax = max_of(vmax, max_of(tail0, tail1));
   }
-  const acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t m = math::scaled_logit(
+      at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax), inv_t);
   if (m != m) {
     return {m, m, m};
   }
@@ -125,10 +128,11 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
   }
 
   // Two independent accumulator pairs keep the exp pipeline busy.
-  const V vm(m);
+  const V neg_m(-m);
+  const V scale(inv_t);
   V s0(acc_t(0)), s1(acc_t(0)), u0(acc_t(0)), u1(acc_t(0));
   const auto add_to = [&](const V& x_acc, V& s, V& u) {
-    const V d = shifted(x_acc, vm);
+    const V d = scaled_shifted(x_acc, scale, neg_m);
     const V e = vexp(d);
     s = s + e;
     u = at::vec::fmadd(e, d, u);
@@ -165,10 +169,11 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   const int64_t n = in.n;
   const int64_t rows = in.rows;
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   const auto row = [&](int64_t r) { return logit.row(r); };
   const auto stats_of_block = [&](int64_t r, int64_t b) {
     const int64_t start = b * kBlock;
-    return block_stats(row(r) + start, std::min(kBlock, n - start));
+    return block_stats(row(r) + start, std::min(kBlock, n - start), inv_t);
   };
 
   const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
@@ -206,10 +211,12 @@ template <typename scalar_t>
 void forward_typed(const RowInputs& in, ForwardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const ForwardSink<acc_t> sink(in, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const auto res = math::finish_row(st);
     const int64_t a = sink.column(r);
-    sink.put(r, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0), st.m, res.log_s, res.entropy);
+    sink.put(r, a >= 0 ? math::scaled_logit(static_cast<acc_t>(row[a]), inv_t) : acc_t(0), st.m, res.log_s,
+             res.entropy);
   });
 }
 
@@ -217,9 +224,10 @@ template <typename scalar_t>
 void row_stats_typed(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const ShardSink<acc_t> sink(in, vocab_start, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const int64_t a = sink.action_column(r);
-    sink.put(r, st.m, st.s, st.u, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0));
+    sink.put(r, st.m, st.s, st.u, a >= 0 ? math::scaled_logit(static_cast<acc_t>(row[a]), inv_t) : acc_t(0));
   });
 }
 
@@ -239,6 +247,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
   // block buffer.
   const bool stream = in.rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
   const int64_t tasks = in.rows * nblocks;
+  const V vscale(static_cast<acc_t>(in.inv_temperature));
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> gbuf(!kConvert && stream ? kBlock : 0);
@@ -253,7 +262,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
 
       const auto lse = src.row_lse(r);
-      const V vhi(lse.hi);
+      const V vneg_hi(-lse.hi);
       const V vlo(lse.lo);
       const V vk(c.k);
       const V vce(c.c_entropy);
@@ -377,12 +386,12 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       const auto with_grad = [&](const auto& grad_of) {  // grad_of(p, t)
         row_block(
             [&](const V& xv) {
-              const V tv = shifted(xv, vhi, vlo);
+              const V tv = scaled_shifted(xv, vscale, vneg_hi, vlo);
               return grad_of(vexp(tv), tv);
             },
             [&](const V& x0, const V& x1) {
-              const V t0 = shifted(x0, vhi, vlo);
-              const V t1 = shifted(x1, vhi, vlo);
+              const V t0 = scaled_shifted(x0, vscale, vneg_hi, vlo);
+              const V t1 = scaled_shifted(x1, vscale, vneg_hi, vlo);
               const auto [p0, p1] = vexp_pair(t0, t1);
               return std::pair<V, V>(grad_of(p0, t0), grad_of(p1, t1));
             });
