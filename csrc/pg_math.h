@@ -222,16 +222,23 @@ struct RowGradCoef {
 
 // With a temperature T the kernels see z = x / T (x * inv_t, scaled_logit)
 // and the formulas above hold for z; dL/dx = dL/dz / T, so all three
-// coefficients carry inv_t (the last factor: exact for inv_t = 1).
+// coefficients carry 1 / T: the kernels pass inv_count = (1 / C) * (1 / T)
+// (grad_scale), which costs nothing per row and is 1 / C itself for T = 1.
 template <typename acc_t>
 C10_HOST_DEVICE inline RowGradCoef<acc_t> grad_coef(
-    acc_t grad_policy, acc_t grad_entropy, acc_t ret, acc_t w, acc_t entropy, acc_t inv_count,
-    acc_t inv_t = acc_t(1)) {
+    acc_t grad_policy, acc_t grad_entropy, acc_t ret, acc_t w, acc_t entropy, acc_t inv_count) {
   RowGradCoef<acc_t> c;
-  c.c_policy = grad_policy * w * ret * inv_count * inv_t;
-  c.c_entropy = grad_entropy * w * inv_count * inv_t;
+  c.c_policy = grad_policy * w * ret * inv_count;
+  c.c_entropy = grad_entropy * w * inv_count;
   c.k = c.c_policy - c.c_entropy * entropy;
   return c;
+}
+
+// grad_coef's inv_count for C rows (inv_count = 1 / C, or 1) at the
+// temperature 1 / inv_temperature, formed in double and rounded once.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t grad_scale(double inv_count, double inv_temperature) {
+  return static_cast<acc_t>(inv_count * inv_temperature);
 }
 
 template <typename acc_t>

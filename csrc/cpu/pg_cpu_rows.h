@@ -134,12 +134,11 @@ struct BackwardSource {
         g_ent(rows.grad_entropy),
         lse(rows.lse.const_data_ptr<double>()),
         entropy(rows.entropy.const_data_ptr<acc_t>()),
-        inv_count(static_cast<acc_t>(rows.inv_count)),
-        inv_t(static_cast<acc_t>(in.inv_temperature)) {}
+        inv_count(math::grad_scale<acc_t>(rows.inv_count, in.inv_temperature)) {}
 
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
-    return math::grad_coef(g_pol[r], g_ent[r], ret[r], w, entropy[r], inv_count, inv_t);
+    return math::grad_coef(g_pol[r], g_ent[r], ret[r], w, entropy[r], inv_count);
   }
 
   // The action's column within the row (or shard), or -1 when another shard
@@ -161,8 +160,7 @@ struct BackwardSource {
   UpstreamGrad<acc_t> g_ent;
   const double* lse;  // float64: split into hi + lo per row
   const acc_t* entropy;
-  acc_t inv_count;
-  acc_t inv_t;  // 1 / temperature: the kernels read x * inv_t
+  acc_t inv_count;  // 1 / C and 1 / temperature (math::grad_scale)
 };
 
 }  // namespace CPU_CAPABILITY

@@ -43,7 +43,7 @@ struct BackwardArgs {
   int64_t grad_entropy_stride;
   const double* lse;  // math::saved_lse, split per row
   const acc_t* entropy;
-  acc_t inv_count;
+  acc_t inv_count;      // 1 / C and 1 / temperature (math::grad_scale)
   acc_t inv_t;          // 1 / temperature: each logit is read as x * inv_t
   int64_t vocab_start;  // first class of the row (0 unless a shard)
   bool shard;           // actions outside the row are legal (no one-hot term)
@@ -72,7 +72,7 @@ __device__ __forceinline__ void backward_row(
   }
   auto c = math::grad_coef(
       p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r], w,
-      p.entropy[r], p.inv_count, p.inv_t);
+      p.entropy[r], p.inv_count);
   if (!in_range) {
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
     c.c_entropy = c.k;
@@ -158,7 +158,7 @@ void backward_typed(const RowInputs& in, const BackwardRows& rows, at::Tensor& g
   p.grad_entropy_stride = grad_row_stride(rows.grad_entropy);
   p.lse = rows.lse.const_data_ptr<double>();
   p.entropy = rows.entropy.const_data_ptr<acc_t>();
-  p.inv_count = static_cast<acc_t>(rows.inv_count);
+  p.inv_count = math::grad_scale<acc_t>(rows.inv_count, in.inv_temperature);
   p.inv_t = static_cast<acc_t>(in.inv_temperature);
   p.vocab_start = rows.shard_vocab_start.value_or(0);
   p.shard = rows.shard_vocab_start.has_value();
