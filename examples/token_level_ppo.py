@@ -17,10 +17,10 @@ Two ways to get the per-token log-probabilities and entropies:
   ignore_index=-100)``, one fused pass over the logits forward and one
   backward (the temperature applied as the kernels read each logit), 12 bytes
   per token saved;
-* the TRL-style composition: the logits divided by the temperature, then
-  ``selective_log_softmax`` as a row-wise logsumexp plus a gather, and
-  ``entropy_from_logits`` (a chunked ``log_softmax``), in float32 as those
-  helpers compute for bfloat16 logits.
+* the TRL-style composition: ``selective_log_softmax`` as a row-wise
+  logsumexp plus a gather, and ``entropy_from_logits`` (a chunked
+  ``log_softmax``), in float32 as those helpers compute for bfloat16 logits,
+  each dividing its float32 chunk by the temperature.
 
 The script checks that both give the same loss and gradient (and both against
 float64), then reports the median time of forward + backward of the loss to
@@ -64,19 +64,20 @@ def make_batch(vocab: int, batch: int, seq: int, group: int, seed: int):
     return actions, adv, mask
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL-style: the chosen token's logit minus a row-wise logsumexp (one sequence at a time)."""
-    selected = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float()
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TRL-style: the chosen token's logit minus a row-wise logsumexp (one sequence at a time),
+    of the logits divided by the temperature in float32."""
+    selected = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float() / temperature
+    lse = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])
     return selected - lse
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float, chunk: int = 128) -> torch.Tensor:
     """TRL-style: entropy of each row through log_softmax, in chunks of rows."""
     flat = logits.reshape(-1, logits.shape[-1])
     parts = []
     for rows in flat.split(chunk):
-        logp = F.log_softmax(rows.float(), dim=-1)
+        logp = F.log_softmax(rows.float() / temperature, dim=-1)
         parts.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(parts).view(logits.shape[:-1])
 
@@ -86,8 +87,8 @@ def per_token_pgext(logits, actions, temperature):
 
 
 def per_token_composition(logits, actions, temperature):
-    scaled = logits / temperature  # a scaled copy of the logits, as the composition needs one
-    return selective_log_softmax(scaled, actions.clamp(min=0)), entropy_from_logits(scaled)
+    return (selective_log_softmax(logits, actions.clamp(min=0), temperature),
+            entropy_from_logits(logits, temperature))
 
 
 def grpo_loss(per_token, logits, actions, old_log_prob, adv, mask):
