@@ -156,5 +156,8 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
         if loss is not None:
             return loss
     logit, action, return_ = _check_call(data, weight, reduction)
-    policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction, temperature)
+    if temperature == 1.0:
+        policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
+    else:
+        policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction, temperature)
     return pg_loss(policy_loss, entropy_loss)
