@@ -60,14 +60,14 @@ PgLoss pg_error(const PgData& data, const PgOptions& options) {
   const std::optional<at::Tensor> weight =
       options.weight.has_value() && options.weight->defined() ? options.weight : std::nullopt;
   auto [policy_loss, entropy_loss] =
-      ops::pg_error(data.logit, data.action, data.return_, weight, reduction);
+      ops::pg_error(data.logit, data.action, data.return_, weight, reduction, options.temperature);
   return {std::move(policy_loss), std::move(entropy_loss)};
 }
 
 LogProbEntropy log_prob_entropy(
     const at::Tensor& logit, const at::Tensor& action, const LogProbEntropyOptions& options) {
   TORCH_CHECK_VALUE(logit.defined() && action.defined(), "log_prob_entropy: logit and action must be tensors");
-  auto [log_prob, entropy] = ops::log_prob_entropy(logit, action, options.ignore_index);
+  auto [log_prob, entropy] = ops::log_prob_entropy(logit, action, options.ignore_index, options.temperature);
   return {std::move(log_prob), std::move(entropy)};
 }
 

@@ -36,9 +36,10 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autocast(
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
-  return ops::pg_error(logit, action, ret, weight, reduction);
+  return ops::pg_error(logit, action, ret, weight, reduction, temperature);
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ using torch::autograd::variable_list;
 struct SavedForBackward {
   at::Tensor logit, action, ret, weight, lse, entropy;  // weight undefined if absent
   std::string reduction;
+  double temperature = 1.0;
 };
 
 // The gradients of pg_error's inputs (logit, action (never), return_,
@@ -68,13 +69,15 @@ variable_list backward_grads(
     const std::optional<at::Tensor> weight_opt =
         weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt;
     at::Tensor grad_logit = need_logit ? ops::pg_error_backward(grad_policy, grad_entropy, logit, action, ret,
-                                                                weight_opt, lse, in.entropy, in.reduction)
+                                                                weight_opt, lse, in.entropy, in.reduction,
+                                                                in.temperature)
                                        : at::Tensor();
     if (!need_ret && !need_weight) {
       return {grad_logit, at::Tensor(), at::Tensor(), at::Tensor()};
     }
     auto g = pg_error_grads_composite(
-        grad_policy, grad_entropy, logit, action, ret, weight, red, /*need_logit=*/false, need_ret, need_weight);
+        grad_policy, grad_entropy, logit, action, ret, weight, red, /*need_logit=*/false, need_ret, need_weight,
+        in.temperature);
     return {grad_logit, at::Tensor(), g.ret, g.weight};
   }
 
@@ -86,14 +89,18 @@ variable_list backward_grads(
     // call on: go straight to the backend kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     grad_logit = ops::pg_error_backward(
-        grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, in.entropy, in.reduction);
+        grad_policy, grad_entropy, logit, action, ret, weight_opt, lse, in.entropy, in.reduction, in.temperature);
   }
   if (need_ret || need_weight) {
     // Per-sample gradients: log_prob is one gather away from the saved lse
-    // (float64, so that x_a - lse is exact whatever the logits' magnitude).
+    // (float64, so that x_a - lse is exact whatever the logits' magnitude),
+    // the lse of logit / T with x_a / T.
     const auto acc = acc_type(logit.scalar_type());
-    const at::Tensor log_prob =
-        (logit.gather(-1, gather_index(action, logit.sym_size(-1))).squeeze(-1).to(at::kDouble) - lse).to(acc);
+    at::Tensor x_action = logit.gather(-1, gather_index(action, logit.sym_size(-1))).squeeze(-1).to(at::kDouble);
+    if (in.temperature != 1.0) {
+      x_action = x_action / in.temperature;
+    }
+    const at::Tensor log_prob = (x_action - lse).to(acc);
     const at::Tensor g_pol = scale_for_reduction(grad_policy.to(acc), red, action);
     if (need_ret) {
       const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, log_prob.options());
@@ -122,6 +129,7 @@ variable_list backward_functional(const variable_list& grads, const std::vector<
   in.lse = packed.unpack<at::Tensor>();
   in.entropy = packed.unpack<at::Tensor>();
   in.reduction = packed.unpack<std::string>();
+  in.temperature = packed.unpack<double>();
   const auto needed = packed.unpack<std::vector<bool>>();
   const bool create_graph = packed.unpack<bool>();
   return backward_grads(grads, in, {needed[0], needed[1], needed[2], needed[3]}, create_graph);
@@ -141,7 +149,7 @@ struct PgErrorBackward final : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const SavedForBackward in{logit_.unpack(), action_.unpack(), ret_.unpack(), weight_.unpack(),
-                              lse_.unpack(),   entropy_.unpack(), reduction_};
+                              lse_.unpack(),   entropy_.unpack(), reduction_,     temperature_};
     // create_graph=True: the engine runs backward with grad mode on
     return backward_grads(grads, in, needed(), at::GradMode::is_enabled());
   }
@@ -162,6 +170,7 @@ struct PgErrorBackward final : public torch::autograd::TraceableFunction {
       args.collect(*v, /*is_output=*/false);
     }
     args.collect(reduction_);
+    args.collect(temperature_);
   }
 
   variable_list apply_with_saved(
@@ -179,6 +188,7 @@ struct PgErrorBackward final : public torch::autograd::TraceableFunction {
     packed.pack(lse_.unpack());
     packed.pack(entropy_.unpack());
     packed.pack(reduction_);
+    packed.pack(temperature_);
     const auto need = needed();
     packed.pack(std::vector<bool>(need.begin(), need.end()));
     packed.pack(at::GradMode::is_enabled());
@@ -191,7 +201,7 @@ struct PgErrorBackward final : public torch::autograd::TraceableFunction {
       const auto tensor = TensorType::get();
       std::vector<at::TypePtr> schema = {
           tensor, tensor, tensor, at::OptionalType::create(tensor), tensor, tensor, at::StringType::get(),
-          at::ListType::create(at::BoolType::get()), at::BoolType::get()};
+          at::FloatType::get(), at::ListType::create(at::BoolType::get()), at::BoolType::get()};
       py->bind_function(saved.get_py_compiler(), kFunctionalName, backward_functional, schema);
     });
     const auto output_metadata =
@@ -208,6 +218,7 @@ struct PgErrorBackward final : public torch::autograd::TraceableFunction {
 
   SavedVariable logit_, action_, ret_, weight_, lse_, entropy_;
   std::string reduction_;
+  double temperature_ = 1.0;
 
  private:
   std::array<SavedVariable*, 6> saved() {
@@ -228,6 +239,7 @@ void set_forward_tangents(
     const at::Tensor& ret,
     const at::Tensor& w,
     c10::string_view reduction,
+    double temperature,
     std::initializer_list<at::Tensor*> outputs) {
   const at::Tensor d_logit = logit._fw_grad(0);
   const at::Tensor d_ret = ret._fw_grad(0);
@@ -238,7 +250,7 @@ void set_forward_tangents(
   at::Tensor* const* out = outputs.begin();
   const auto t = pg_error_tangents_composite(
       logit._fw_primal(0), action, ret._fw_primal(0), w.defined() ? w._fw_primal(0) : w,
-      parse_reduction(reduction), out[0]->scalar_type(), d_logit, d_ret, d_weight);
+      parse_reduction(reduction), out[0]->scalar_type(), d_logit, d_ret, d_weight, temperature);
   const at::Tensor tangents[] = {t.policy, t.entropy, t.lse, t.row_entropy};
   for (size_t i = 0; i < outputs.size(); ++i) {
     if (tangents[i].defined()) {
@@ -253,14 +265,16 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   const at::Tensor w = weight.value_or(at::Tensor());
   check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
   const bool requires_grad = torch::autograd::compute_requires_grad(logit, ret, w);
   at::Tensor policy, entropy, lse, row_entropy;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(policy, entropy, lse, row_entropy) = ops::pg_error_forward(logit, action, ret, weight, reduction);
+    std::tie(policy, entropy, lse, row_entropy) =
+        ops::pg_error_forward(logit, action, ret, weight, reduction, temperature);
   }
   if (requires_grad) {
     auto node = c10::make_intrusive<PgErrorBackward>();
@@ -272,10 +286,11 @@ std::tuple<at::Tensor, at::Tensor> pg_error_autograd(
     node->lse_ = SavedVariable(lse, false);
     node->entropy_ = SavedVariable(row_entropy, false);
     node->reduction_ = std::string(reduction);
+    node->temperature_ = temperature;
     torch::autograd::set_history(policy, node);
     torch::autograd::set_history(entropy, node);
   }
-  set_forward_tangents(logit, action, ret, w, reduction, {&policy, &entropy});
+  set_forward_tangents(logit, action, ret, w, reduction, temperature, {&policy, &entropy});
   return {policy, entropy};
 }
 
@@ -286,10 +301,11 @@ std::tuple<at::Tensor, at::Tensor> pg_error_no_grad(
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   const at::Tensor w = weight.value_or(at::Tensor());
   check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
-  auto out = ops::pg_error_forward(logit, action, ret, weight, reduction);
+  auto out = ops::pg_error_forward(logit, action, ret, weight, reduction, temperature);
   return {std::get<0>(out), std::get<1>(out)};
 }
 
@@ -321,17 +337,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_auto
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   const at::Tensor w = weight.value_or(at::Tensor());
   check_dense({{"logit", &logit}, {"action", &action}, {"return_", &ret}, {"weight", &w}});
   refuse_grad("pg_error_forward", {&logit, &ret, &w}, /*forward_mode=*/true);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = ops::pg_error_forward(logit, action, ret, weight, reduction);
+    out = ops::pg_error_forward(logit, action, ret, weight, reduction, temperature);
   }
   auto& [policy, entropy, lse, row_entropy] = out;
-  set_forward_tangents(logit, action, ret, w, reduction, {&policy, &entropy, &lse, &row_entropy});
+  set_forward_tangents(logit, action, ret, w, reduction, temperature, {&policy, &entropy, &lse, &row_entropy});
   return out;
 }
 
@@ -356,7 +373,7 @@ struct PgErrorGradBackward final : public torch::autograd::TraceableFunction {
     // must be differentiable) its own graph is recorded.
     const auto g = pg_error_grad_logit_vjp_composite(
         grads[0], grad_policy_.unpack(), grad_entropy_.unpack(), logit_.unpack(), action_.unpack(), ret_.unpack(),
-        weight_.unpack(), parse_reduction(reduction_), need);
+        weight_.unpack(), parse_reduction(reduction_), need, temperature_);
     result[0] = g.grad_policy;
     result[1] = g.grad_entropy;
     result[2] = g.logit;
@@ -378,6 +395,7 @@ struct PgErrorGradBackward final : public torch::autograd::TraceableFunction {
 
   SavedVariable grad_policy_, grad_entropy_, logit_, action_, ret_, weight_;
   std::string reduction_;
+  double temperature_ = 1.0;
 };
 
 bool has_forward_tangent(std::initializer_list<const at::Tensor*> inputs) {
@@ -398,7 +416,8 @@ at::Tensor pg_error_backward_autograd(
     const std::optional<at::Tensor>& weight,
     const at::Tensor& lse,
     const at::Tensor& entropy,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   const at::Tensor w = weight.value_or(at::Tensor());
   check_dense({{"grad_policy", &grad_policy}, {"grad_entropy", &grad_entropy}, {"logit", &logit},
                {"action", &action}, {"return_", &ret}, {"weight", &w}, {"lse", &lse}, {"entropy", &entropy}});
@@ -410,15 +429,17 @@ at::Tensor pg_error_backward_autograd(
     // composite formula, whose ATen ops carry the tangents.
     check_inputs(logit, action, ret, weight);
     check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, parse_reduction(reduction));
+    check_temperature(temperature);
     return pg_error_grads_composite(
                grad_policy, grad_entropy, logit, action, ret, w, parse_reduction(reduction),
-               /*need_logit=*/true, /*need_ret=*/false, /*need_weight=*/false)
+               /*need_logit=*/true, /*need_ret=*/false, /*need_weight=*/false, temperature)
         .logit;
   }
   at::Tensor grad_logit;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    grad_logit = ops::pg_error_backward(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
+    grad_logit = ops::pg_error_backward(
+        grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, temperature);
   }
   if (torch::autograd::compute_requires_grad(grad_policy, grad_entropy, logit, ret, w)) {
     auto node = c10::make_intrusive<PgErrorGradBackward>();
@@ -431,6 +452,7 @@ at::Tensor pg_error_backward_autograd(
     node->ret_ = SavedVariable(ret, false);
     node->weight_ = SavedVariable(w, false);
     node->reduction_ = std::string(reduction);
+    node->temperature_ = temperature;
     torch::autograd::set_history(grad_logit, node);
   }
   return grad_logit;
@@ -439,11 +461,12 @@ at::Tensor pg_error_backward_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_autograd(
     const at::Tensor& logit,
     const at::Tensor& action,
-    int64_t vocab_start) {
+    int64_t vocab_start,
+    double temperature) {
   check_dense({{"logit", &logit}, {"action", &action}});
   refuse_grad("pg_row_stats", {&logit});
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops::pg_row_stats(logit, action, vocab_start);
+  return ops::pg_row_stats(logit, action, vocab_start, temperature);
 }
 
 at::Tensor pg_grad_from_stats_autograd(
@@ -456,14 +479,15 @@ at::Tensor pg_grad_from_stats_autograd(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     c10::string_view reduction,
-    int64_t vocab_start) {
+    int64_t vocab_start,
+    double temperature) {
   const at::Tensor w = weight.value_or(at::Tensor());
   check_dense({{"grad_policy", &grad_policy}, {"grad_entropy", &grad_entropy}, {"logit", &logit},
                {"action", &action}, {"return_", &ret}, {"weight", &w}, {"lse", &lse}, {"entropy", &entropy}});
   refuse_grad("pg_grad_from_stats", {&grad_policy, &grad_entropy, &logit, &ret, &w, &lse, &entropy});
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops::pg_grad_from_stats(
-      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start, temperature);
 }
 
 }  // namespace

@@ -71,11 +71,13 @@ struct BackendOps {
       const at::Tensor& action,
       const at::Tensor& ret,
       const std::optional<at::Tensor>& weight,
-      c10::string_view reduction) {
+      c10::string_view reduction,
+      double temperature) {
     check_inputs(logit, action, ret, weight);
     const auto red = parse_reduction(reduction);
+    check_temperature(temperature);
     const typename Backend::Guard guard(logit.device());
-    const RowInputs in = flatten_rows(logit, action, ret, weight);
+    const RowInputs in = flatten_rows(logit, action, ret, weight, temperature);
     Backend::check_actions(in);
 
     const auto stats = stats_options(logit);
@@ -100,9 +102,10 @@ struct BackendOps {
       const std::optional<at::Tensor>& weight,
       const at::Tensor& lse,
       const at::Tensor& entropy,
-      c10::string_view reduction) {
+      c10::string_view reduction,
+      double temperature) {
     return backward_rows(
-        grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, std::nullopt);
+        grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, temperature, std::nullopt);
   }
 
   static at::Tensor grad_from_stats(
@@ -115,20 +118,23 @@ struct BackendOps {
       const at::Tensor& lse,
       const at::Tensor& entropy,
       c10::string_view reduction,
-      int64_t vocab_start) {
+      int64_t vocab_start,
+      double temperature) {
     check_vocab_start(vocab_start);
     return backward_rows(
-        grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, vocab_start);
+        grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, temperature, vocab_start);
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats(
       const at::Tensor& logit,
       const at::Tensor& action,
-      int64_t vocab_start) {
+      int64_t vocab_start,
+      double temperature) {
     check_logit_and_action(logit, action);
     check_vocab_start(vocab_start);
+    check_temperature(temperature);
     const typename Backend::Guard guard(logit.device());
-    const RowInputs in = flatten_logit_and_action(logit, action);
+    const RowInputs in = flatten_logit_and_action(logit, action, temperature);
     const auto stats = stats_options(logit);
     ShardRows out{
         Backend::empty({in.rows}, stats), Backend::empty({in.rows}, stats),
@@ -157,12 +163,14 @@ struct BackendOps {
       const at::Tensor& lse,
       const at::Tensor& entropy,
       c10::string_view reduction,
+      double temperature,
       std::optional<int64_t> shard_vocab_start) {
     check_inputs(logit, action, ret, weight);
     const auto red = parse_reduction(reduction);
     check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, red);
+    check_temperature(temperature);
     const typename Backend::Guard guard(logit.device());
-    const RowInputs in = flatten_rows(logit, action, ret, weight);
+    const RowInputs in = flatten_rows(logit, action, ret, weight, temperature);
     if (!shard_vocab_start.has_value()) {
       Backend::check_actions(in);
     }

@@ -1,3 +1,4 @@
+#include <cmath>
 #include "pg_checks.h"
 
 #include <ATen/EmptyTensor.h>
@@ -72,7 +73,7 @@ void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& a
 
 }  // namespace
 
-void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
+void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>> named, const char* op) {
   for (const auto& [name, t] : named) {
     if (!t->defined() || (t->layout() == at::kStrided && !t->is_nested() && !t->is_quantized())) {
       continue;
@@ -80,30 +81,30 @@ void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>
     const std::string kind = t->is_nested() ? std::string("a nested tensor")
         : t->is_quantized()                 ? std::string("a quantized tensor")
                                             : "layout " + c10::str(t->layout());
-    TORCH_CHECK_TYPE(false, "pg_error: ", name, " must be a dense (strided) tensor, got ", kind);
+    TORCH_CHECK_TYPE(false, op, ": ", name, " must be a dense (strided) tensor, got ", kind);
   }
 }
 
-void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
-  TORCH_CHECK_VALUE(logit.defined() && action.defined(), "pg_error: logit and action must be tensors");
+void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action, const char* op) {
+  TORCH_CHECK_VALUE(logit.defined() && action.defined(), op, ": logit and action must be tensors");
   TORCH_CHECK_TYPE(
       is_supported_float(logit.scalar_type()),
-      "pg_error: logit must be float16, bfloat16, float32 or float64, got ", logit.scalar_type());
+      op, ": logit must be float16, bfloat16, float32 or float64, got ", logit.scalar_type());
   TORCH_CHECK_VALUE(
-      logit.dim() >= 1, "pg_error: logit must have at least one dimension (..., N), got a 0-d tensor");
+      logit.dim() >= 1, op, ": logit must have at least one dimension (..., N), got a 0-d tensor");
   TORCH_CHECK_VALUE(
       logit.sym_size(-1) > 0,
-      "pg_error: logit has N = 0 classes (shape ", logit.sym_sizes(), "); a distribution needs N >= 1");
+      op, ": logit has N = 0 classes (shape ", logit.sym_sizes(), "); a distribution needs N >= 1");
   TORCH_CHECK_TYPE(
       at::isIntegralType(action.scalar_type(), /*includeBool=*/false),
-      "pg_error: action must hold integer class indices, got dtype ", action.scalar_type());
+      op, ": action must hold integer class indices, got dtype ", action.scalar_type());
   TORCH_CHECK_VALUE(
       action.sym_sizes() == logit.sym_sizes().slice(0, logit.dim() - 1),
-      "pg_error: action must have shape logit.shape[:-1] = ", logit.sym_sizes().slice(0, logit.dim() - 1),
+      op, ": action must have shape logit.shape[:-1] = ", logit.sym_sizes().slice(0, logit.dim() - 1),
       ", got ", action.sym_sizes(), " (logit ", logit.sym_sizes(), ")");
   TORCH_CHECK_VALUE(
       action.device() == logit.device(),
-      "pg_error: action is on ", action.device(), " but logit is on ", logit.device());
+      op, ": action is on ", action.device(), " but logit is on ", logit.device());
 }
 
 void check_inputs(
@@ -117,6 +118,13 @@ void check_inputs(
   if (weight.has_value() && weight->defined()) {
     check_per_sample("weight", *weight, action, logit);
   }
+}
+
+void check_temperature(double temperature, const char* op) {
+  // NaN fails the comparison too
+  TORCH_CHECK_VALUE(
+      std::isfinite(temperature) && temperature > 0, op, ": temperature must be a finite number > 0, got ",
+      temperature);
 }
 
 void check_vocab_start(int64_t vocab_start) {
@@ -259,8 +267,9 @@ at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like) {
   return grad.sym_sizes() == like.sym_sizes() ? grad : at::sum_to(grad, like.sym_sizes());
 }
 
-RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action) {
+RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action, double temperature) {
   RowInputs in;
+  in.inv_temperature = 1.0 / temperature;
   in.n = logit.size(-1);
   in.rows = action.numel();
   in.logit = logit_rows(logit, in.rows, in.n);
@@ -273,8 +282,9 @@ RowInputs flatten_rows(
     const at::Tensor& logit,
     const at::Tensor& action,
     const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight) {
-  RowInputs in = flatten_logit_and_action(logit, action);
+    const std::optional<at::Tensor>& weight,
+    double temperature) {
+  RowInputs in = flatten_logit_and_action(logit, action, temperature);
   const auto acc = acc_type(logit.scalar_type());
   in.ret = as_rows(expand_to_action(ret, action), in.rows, acc);
   if (weight.has_value() && weight->defined()) {

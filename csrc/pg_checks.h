@@ -27,10 +27,16 @@ bool is_supported_float(at::ScalarType t);
 // pass): the kernels read dense memory, and the dispatcher would otherwise
 // fail on the tensor's backend with a NotImplementedError naming no argument.
 // Called by the ops' first kernels (Autograd, CompositeExplicitAutograd).
-void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>> named);
+// `op`: the op the user called, which the messages name.
+void check_dense(
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> named, const char* op = "pg_error");
 
 // Checks of logit and action alone (also used by pg_row_stats).
-void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
+void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action, const char* op = "pg_error");
+
+// ValueError unless the sampling temperature is a finite number > 0: the
+// kernels divide the logits by it (multiply by its inverse).
+void check_temperature(double temperature, const char* op = "pg_error");
 
 // ValueError / TypeError naming the offending shapes, dtypes or devices.
 // return_ and weight have action's shape or broadcast to it without changing
@@ -86,6 +92,9 @@ struct RowInputs {
   at::Tensor weight;  // (rows,) accumulation dtype, contiguous; undefined if absent
   int64_t rows = 0;
   int64_t n = 0;
+  // 1 / temperature: the kernels read logit * inv_temperature wherever they
+  // load a logit (exactly the logit for 1)
+  double inv_temperature = 1.0;
 };
 
 // A per-sample tensor that passed check_inputs, expanded (a view) to action's shape.
@@ -102,7 +111,7 @@ at::Tensor sum_to_shape_of(const at::Tensor& grad, const at::Tensor& like);
 at::Tensor gather_index(const at::Tensor& action, const c10::SymInt& n);
 
 // Flattens validated logit and action to rows (ret and weight left undefined).
-RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action);
+RowInputs flatten_logit_and_action(const at::Tensor& logit, const at::Tensor& action, double temperature = 1.0);
 
 // Flattens validated inputs to rows. The logits are copied only when their
 // leading dimensions cannot be addressed with a single row stride or the
@@ -111,7 +120,8 @@ RowInputs flatten_rows(
     const at::Tensor& logit,
     const at::Tensor& action,
     const at::Tensor& ret,
-    const std::optional<at::Tensor>& weight);
+    const std::optional<at::Tensor>& weight,
+    double temperature = 1.0);
 
 // An upstream gradient in the accumulation dtype, one value per row: (rows,)
 // contiguous for reduction 'none', the 0-d gradient itself for 'mean' and

@@ -15,6 +15,12 @@ struct RowTerms {
   at::Tensor index;  // action as int64, (..., 1)
 };
 
+// logit / T as the kernels read it, logit * (1 / T); the logits themselves
+// for T = 1 (no op recorded).
+at::Tensor scaled(const at::Tensor& x, double inv_t) {
+  return inv_t == 1.0 ? x : x * inv_t;
+}
+
 RowTerms row_terms(const at::Tensor& x, const at::Tensor& action) {
   RowTerms t;
   const at::Tensor logp = at::log_softmax(x, -1);
@@ -45,9 +51,10 @@ GradTerms grad_terms(
     const at::Tensor& action,
     const at::Tensor& ret,
     const at::Tensor& weight,
-    Reduction reduction) {
+    Reduction reduction,
+    double inv_t) {
   const auto acc = acc_type(logit.scalar_type());
-  GradTerms t{row_terms(logit.to(acc), action)};
+  GradTerms t{row_terms(scaled(logit.to(acc), inv_t), action)};
   t.g_pol = scale_for_reduction(grad_policy.to(acc), reduction, action);
   t.g_ent = scale_for_reduction(grad_entropy.to(acc), reduction, action);
   t.r = ret.to(acc);
@@ -67,9 +74,11 @@ PgGrads pg_error_grads_composite(
     Reduction reduction,
     bool need_logit,
     bool need_ret,
-    bool need_weight) {
+    bool need_weight,
+    double temperature) {
+  const double inv_t = 1.0 / temperature;
   const auto [rows, g_pol, g_ent, r, w] =
-      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction);
+      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction, inv_t);
   const auto& [p, logp_safe, entropy, logp_action, index] = rows;
   PgGrads out;
   if (need_logit) {
@@ -77,7 +86,7 @@ PgGrads pg_error_grads_composite(
     const at::Tensor c_ent = (g_ent * w).unsqueeze(-1);
     const at::Tensor onehot = at::zeros_like(p).scatter(-1, index, 1.0);
     const at::Tensor g = c_pol * (p - onehot) - c_ent * p * (logp_safe + entropy.unsqueeze(-1));
-    out.logit = g.to(logit.scalar_type());
+    out.logit = scaled(g, inv_t).to(logit.scalar_type());
   }
   if (need_ret) {
     out.ret = sum_to_shape_of(-g_pol * w * logp_action, ret).to(ret.scalar_type());
@@ -97,11 +106,15 @@ PgGradVjp pg_error_grad_logit_vjp_composite(
     const at::Tensor& ret,
     const at::Tensor& weight,
     Reduction reduction,
-    const std::array<bool, 5>& need) {
+    const std::array<bool, 5>& need,
+    double temperature) {
+  const double inv_t = 1.0 / temperature;
   const auto [rows, g_pol, g_ent, r, w] =
-      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction);
+      grad_terms(grad_policy, grad_entropy, logit, action, ret, weight, reduction, inv_t);
   const auto& [p, logp_safe, entropy, logp_action, index] = rows;
-  const at::Tensor vv = v.to(p.scalar_type());
+  // The logits' gradient is G(z) / T: <v, G(z) / T> = <v / T, G(z)>, whose
+  // derivative with respect to the logits is that with respect to z, / T.
+  const at::Tensor vv = scaled(v.to(p.scalar_type()), inv_t);
   // With G as in grad_terms, <v, G> = c_pol A + c_ent B per row, where
   const at::Tensor s = logp_safe + entropy.unsqueeze(-1);
   const at::Tensor onehot = at::zeros_like(p).scatter(-1, index, 1.0);
@@ -125,7 +138,8 @@ PgGradVjp pg_error_grad_logit_vjp_composite(
     const at::Tensor centered = vv - (vv * p).sum(-1, /*keepdim=*/true);
     const at::Tensor c_pol = (g_pol * w * r).unsqueeze(-1);
     const at::Tensor c_ent = (g_ent * w).unsqueeze(-1);
-    out.logit = (p * (c_pol * centered - c_ent * (centered * (1 + s) + b.unsqueeze(-1)))).to(logit.scalar_type());
+    out.logit = scaled(p * (c_pol * centered - c_ent * (centered * (1 + s) + b.unsqueeze(-1))), inv_t)
+                    .to(logit.scalar_type());
   }
   if (need[3]) {
     out.ret = sum_to_shape_of(a * g_pol * w, ret).to(ret.scalar_type());
@@ -145,9 +159,11 @@ PgTangents pg_error_tangents_composite(
     at::ScalarType loss_dtype,
     const at::Tensor& d_logit,
     const at::Tensor& d_ret,
-    const at::Tensor& d_weight) {
+    const at::Tensor& d_weight,
+    double temperature) {
   const auto acc = acc_type(logit.scalar_type());
-  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(logit.to(acc), action);
+  const double inv_t = 1.0 / temperature;
+  const auto [p, logp_safe, entropy, logp_action, index] = row_terms(scaled(logit.to(acc), inv_t), action);
   const at::Tensor r = ret.to(acc);
   const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({}, p.options());
   // policy = -w r log p_a and entropy = w H, per sample, with
@@ -156,7 +172,7 @@ PgTangents pg_error_tangents_composite(
   at::Tensor d_policy = at::zeros_like(entropy);
   at::Tensor d_entropy = at::zeros_like(entropy);
   if (d_logit.defined()) {
-    const at::Tensor dx = d_logit.to(acc);
+    const at::Tensor dx = scaled(d_logit.to(acc), inv_t);  // the tangent of z = logit / T
     out.lse = (p * dx).sum(-1);
     out.row_entropy = -(p * (logp_safe + entropy.unsqueeze(-1)) * dx).sum(-1);
     const at::Tensor d_logp_action = dx.gather(-1, index).squeeze(-1) - out.lse;

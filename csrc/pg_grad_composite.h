@@ -9,6 +9,9 @@
 
 namespace pgext {
 
+// `temperature` T: the derivatives of pg_error of logit / T, with respect to
+// the logits as given (every formula below on z = logit / T, then the chain
+// rule's 1 / T, all in differentiable ops).
 struct PgGrads {
   at::Tensor logit;
   at::Tensor ret;
@@ -27,7 +30,8 @@ PgGrads pg_error_grads_composite(
     Reduction reduction,
     bool need_logit,
     bool need_ret,
-    bool need_weight);
+    bool need_weight,
+    double temperature = 1.0);
 
 struct PgGradVjp {
   at::Tensor grad_policy;
@@ -52,7 +56,8 @@ PgGradVjp pg_error_grad_logit_vjp_composite(
     const at::Tensor& ret,
     const at::Tensor& weight,
     Reduction reduction,
-    const std::array<bool, 5>& need);
+    const std::array<bool, 5>& need,
+    double temperature = 1.0);
 
 struct PgTangents {
   at::Tensor policy;
@@ -75,6 +80,7 @@ PgTangents pg_error_tangents_composite(
     at::ScalarType loss_dtype,
     const at::Tensor& d_logit,
     const at::Tensor& d_ret,
-    const at::Tensor& d_weight);
+    const at::Tensor& d_weight,
+    double temperature = 1.0);
 
 }  // namespace pgext

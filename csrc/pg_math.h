@@ -186,6 +186,16 @@ C10_HOST_DEVICE inline SplitLse<acc_t> split_lse(double lse) {
   return {hi, finite ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0)};
 }
 
+// A logit divided by the sampling temperature T, as x * (1 / T) in acc_t:
+// what every kernel reads in place of the logit (never a scaled copy of the
+// logits in memory). inv_t = 1 leaves x bitwise as it is. Since
+// multiplication by inv_t > 0 is monotone after rounding, the max of the
+// scaled logits is the scaled max, which the CPU kernels use.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t scaled_logit(acc_t x, acc_t inv_t) {
+  return x * inv_t;
+}
+
 // Per-row loss terms before reduction.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t policy_term(acc_t log_prob_action, acc_t ret, acc_t w) {
@@ -210,6 +220,10 @@ struct RowGradCoef {
   acc_t k;          // cP - cE * H
 };
 
+// With a temperature T the kernels see z = x / T (x * inv_t, scaled_logit)
+// and the formulas above hold for z; dL/dx = dL/dz / T, so all three
+// coefficients carry 1 / T: the kernels pass inv_count = (1 / C) * (1 / T)
+// (grad_scale), which costs nothing per row and is 1 / C itself for T = 1.
 template <typename acc_t>
 C10_HOST_DEVICE inline RowGradCoef<acc_t> grad_coef(
     acc_t grad_policy, acc_t grad_entropy, acc_t ret, acc_t w, acc_t entropy, acc_t inv_count) {
@@ -218,6 +232,13 @@ C10_HOST_DEVICE inline RowGradCoef<acc_t> grad_coef(
   c.c_entropy = grad_entropy * w * inv_count;
   c.k = c.c_policy - c.c_entropy * entropy;
   return c;
+}
+
+// grad_coef's inv_count for C rows (inv_count = 1 / C, or 1) at the
+// temperature 1 / inv_temperature, formed in double and rounded once.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t grad_scale(double inv_count, double inv_temperature) {
+  return static_cast<acc_t>(inv_count * inv_temperature);
 }
 
 template <typename acc_t>

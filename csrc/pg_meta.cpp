@@ -14,9 +14,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward_meta
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   check_inputs(logit, action, ret, weight);
   const auto red = parse_reduction(reduction);
+  check_temperature(temperature);
   const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
   const auto loss = logit.options().dtype(loss_type(logit, ret, weight));
   const auto loss_shape = red == Reduction::None ? action.sym_sizes() : c10::SymIntArrayRef{};
@@ -36,18 +38,22 @@ at::Tensor pg_error_backward_meta(
     const std::optional<at::Tensor>& weight,
     const at::Tensor& lse,
     const at::Tensor& entropy,
-    c10::string_view reduction) {
+    c10::string_view reduction,
+    double temperature) {
   check_inputs(logit, action, ret, weight);
   check_backward_inputs(grad_policy, grad_entropy, lse, entropy, action, parse_reduction(reduction));
+  check_temperature(temperature);
   return at::empty_symint(logit.sym_sizes(), logit.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats_meta(
     const at::Tensor& logit,
     const at::Tensor& action,
-    int64_t vocab_start) {
+    int64_t vocab_start,
+    double temperature) {
   check_vocab_start(vocab_start);
   check_logit_and_action(logit, action);
+  check_temperature(temperature);
   const auto stats = logit.options().dtype(acc_type(logit.scalar_type()));
   const auto shape = action.sym_sizes();
   return {
@@ -65,9 +71,11 @@ at::Tensor pg_grad_from_stats_meta(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     c10::string_view reduction,
-    int64_t vocab_start) {
+    int64_t vocab_start,
+    double temperature) {
   check_vocab_start(vocab_start);
-  return pg_error_backward_meta(grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction);
+  return pg_error_backward_meta(
+      grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, temperature);
 }
 
 }  // namespace

@@ -14,14 +14,16 @@ std::tuple<at::Tensor, at::Tensor> pg_error(
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction);
+    c10::string_view reduction,
+    double temperature = 1.0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_error_forward(
     const at::Tensor& logit,
     const at::Tensor& action,
     const at::Tensor& ret,
     const std::optional<at::Tensor>& weight,
-    c10::string_view reduction);
+    c10::string_view reduction,
+    double temperature = 1.0);
 
 at::Tensor pg_error_backward(
     const at::Tensor& grad_policy,
@@ -32,12 +34,14 @@ at::Tensor pg_error_backward(
     const std::optional<at::Tensor>& weight,
     const at::Tensor& lse,
     const at::Tensor& entropy,
-    c10::string_view reduction);
+    c10::string_view reduction,
+    double temperature = 1.0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats(
     const at::Tensor& logit,
     const at::Tensor& action,
-    int64_t vocab_start);
+    int64_t vocab_start,
+    double temperature = 1.0);
 
 at::Tensor pg_grad_from_stats(
     const at::Tensor& grad_policy,
@@ -49,12 +53,14 @@ at::Tensor pg_grad_from_stats(
     const at::Tensor& lse,
     const at::Tensor& entropy,
     c10::string_view reduction,
-    int64_t vocab_start);
+    int64_t vocab_start,
+    double temperature = 1.0);
 
 std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
     const at::Tensor& logit,
     const at::Tensor& action,
-    std::optional<int64_t> ignore_index);
+    std::optional<int64_t> ignore_index,
+    double temperature = 1.0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate(
     const at::Tensor& log_prob,

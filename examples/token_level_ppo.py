@@ -8,16 +8,19 @@ A GRPO-style step: sequences come in groups sampled from one prompt, each
 sequence's reward is normalized within its group into an advantage shared by
 its tokens, and the loss per real token is PPO's clipped surrogate on the
 ratio exp(log_prob - old_log_prob), minus an entropy bonus; padding tokens
-carry the action -100 (``ignore_index``). The logits are bfloat16 ``(B, T, V)``
-and already divided by the sampling temperature (in place, as verl does).
+carry the action -100 (``ignore_index``). The logits are bfloat16 ``(B, T, V)``;
+the policy is that of the logits divided by the sampling temperature.
 
 Two ways to get the per-token log-probabilities and entropies:
 
-* pgext: ``pgext.log_prob_entropy(logits, actions, ignore_index=-100)``, one
-  fused pass over the logits forward and one backward, 12 bytes per token saved;
+* pgext: ``pgext.log_prob_entropy(logits, actions, temperature=T,
+  ignore_index=-100)``, one fused pass over the logits forward and one
+  backward (the temperature applied as the kernels read each logit), 12 bytes
+  per token saved;
 * the TRL-style composition: ``selective_log_softmax`` as a row-wise
   logsumexp plus a gather, and ``entropy_from_logits`` (a chunked
-  ``log_softmax``), in float32 as those helpers compute for bfloat16 logits.
+  ``log_softmax``), in float32 as those helpers compute for bfloat16 logits,
+  each dividing its float32 chunk by the temperature.
 
 The script checks that both give the same loss and gradient (and both against
 float64), then reports the median time of forward + backward of the loss to
@@ -26,6 +29,7 @@ the logits and the peak memory growth during it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -60,29 +64,31 @@ def make_batch(vocab: int, batch: int, seq: int, group: int, seed: int):
     return actions, adv, mask
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL-style: the chosen token's logit minus a row-wise logsumexp (one sequence at a time)."""
-    selected = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float()
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TRL-style: the chosen token's logit minus a row-wise logsumexp (one sequence at a time),
+    of the logits divided by the temperature in float32."""
+    selected = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float() / temperature
+    lse = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])
     return selected - lse
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float, chunk: int = 128) -> torch.Tensor:
     """TRL-style: entropy of each row through log_softmax, in chunks of rows."""
     flat = logits.reshape(-1, logits.shape[-1])
     parts = []
     for rows in flat.split(chunk):
-        logp = F.log_softmax(rows.float(), dim=-1)
+        logp = F.log_softmax(rows.float() / temperature, dim=-1)
         parts.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(parts).view(logits.shape[:-1])
 
 
-def per_token_pgext(logits, actions):
-    return pgext.log_prob_entropy(logits, actions, ignore_index=IGNORE)
+def per_token_pgext(logits, actions, temperature):
+    return pgext.log_prob_entropy(logits, actions, temperature=temperature, ignore_index=IGNORE)
 
 
-def per_token_composition(logits, actions):
-    return selective_log_softmax(logits, actions.clamp(min=0)), entropy_from_logits(logits)
+def per_token_composition(logits, actions, temperature):
+    return (selective_log_softmax(logits, actions.clamp(min=0), temperature),
+            entropy_from_logits(logits, temperature))
 
 
 def grpo_loss(per_token, logits, actions, old_log_prob, adv, mask):
@@ -130,21 +136,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
     actions, adv, mask = (t.to(device) for t in make_batch(args.vocab, args.batch, args.seq, args.group, args.seed))
     g = torch.Generator().manual_seed(args.seed + 1)
     logits = (torch.randn(args.batch, args.seq, args.vocab, generator=g) * 2).to(device, torch.bfloat16)
-    logits.div_(args.temperature)  # the sampling temperature, in place
     with torch.no_grad():  # the policy that sampled: a little away from the current one
         drift = (torch.randn(logits.shape, generator=g) * 0.2).to(device, torch.bfloat16)
-        old_log_prob = pgext.log_prob_entropy(logits + drift, actions, ignore_index=IGNORE)[0]
+        old_log_prob = pgext.log_prob_entropy(
+            logits + drift, actions, temperature=args.temperature, ignore_index=IGNORE)[0]
         del drift
     n_real = int(mask.sum())
     print(f"token-level GRPO step: vocab {args.vocab}, {args.batch} x {args.seq} tokens ({n_real} real), "
           f"groups of {args.group}, temperature {args.temperature}, {device}, logits {logits.dtype} = "
           f"{logits.numel() * logits.element_size() / 2**20:.1f} MiB")
 
-    impls = {"pgext": per_token_pgext, "composition": per_token_composition}
+    impls = {name: functools.partial(fn, temperature=args.temperature)
+             for name, fn in (("pgext", per_token_pgext), ("composition", per_token_composition))}
     rows = {name: dict(zip(("loss", "grad"), loss_and_grad(fn, logits, actions, old_log_prob, adv, mask)))
             for name, fn in impls.items()}
     # the float64 truth (Categorical, several float64 logit-sized tensors) where it fits in memory
-    truth = loss_and_grad(per_token_float64, logits.double(), actions, old_log_prob, adv, mask) \
+    truth = loss_and_grad(functools.partial(per_token_float64, temperature=args.temperature), logits.double(),
+                          actions, old_log_prob, adv, mask) \
         if logits.numel() <= 2**26 else None
     for name, fn in impls.items():
         step = (lambda f=fn: loss_and_grad(f, logits, actions, old_log_prob, adv, mask))
@@ -184,9 +192,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return dict(rows=rows, speedup=speedup, agree=agree, padded_zero=padded_zero)
 
 
-def per_token_float64(logits, actions):
+def per_token_float64(logits, actions, temperature):
     """The truth: Categorical on float64 logits (pgext.reference)."""
-    return pgext.reference.log_prob_entropy(logits, actions, ignore_index=IGNORE)
+    return pgext.reference.log_prob_entropy(logits, actions, temperature=temperature, ignore_index=IGNORE)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from . import _vmap, reference
 from ._cmake import cmake_prefix_path
 from ._errors import ActionOutOfRangeError
+from ._temperature import check_temperature
 from ._types import (a2c_data, a2c_loss, pg_data, pg_loss, ppo_data, ppo_info, ppo_loss, ppo_policy_data,
                      ppo_policy_loss, ppo_value_data)
 
@@ -114,7 +115,8 @@ def _check_call(data, weight, reduction):
     return logit, action, return_
 
 
-def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
+def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+             temperature: float = 1.0) -> pg_loss:
     """Policy-gradient loss and entropy of a categorical policy.
 
     Args:
@@ -128,6 +130,9 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
             policy and entropy terms.
         reduction: ``'mean'`` (over samples, the notebook's), ``'sum'`` or
             ``'none'`` (per-sample tensors of the actions' shape).
+        temperature: sampling temperature ``T`` (a finite number > 0): the
+            losses of ``logit / T``, each logit multiplied by ``1 / T`` as the
+            kernels read it; gradients are with respect to ``logit``.
 
     Returns:
         ``pg_loss(policy_loss, entropy_loss)`` with
@@ -144,10 +149,15 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
     # torch.compile, and for whatever the direct call declines (None), the
     # torch.ops call below: Dynamo traces it, __torch_function__ sees it, and
     # it raises the argument errors.
-    if not _is_compiling():
+    if temperature != 1.0 or type(temperature) is not float:
+        temperature = check_temperature("pg_error", temperature)
+    if temperature == 1.0 and not _is_compiling():
         loss = _pg_error_direct(pg_loss, data, weight, reduction)
         if loss is not None:
             return loss
     logit, action, return_ = _check_call(data, weight, reduction)
-    policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
+    if temperature == 1.0:
+        policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction)
+    else:
+        policy_loss, entropy_loss = _pg_error_op(logit, action, return_, weight, reduction, temperature)
     return pg_loss(policy_loss, entropy_loss)

@@ -83,14 +83,15 @@ def _losses_rule(op, outputs: int):
     (and the per-sample lse and entropy, passed on as they are)."""
     out_dims = (0,) * outputs
 
-    def rule(info, in_dims, logit, action, return_, weight=None, reduction="mean"):
+    def rule(info, in_dims, logit, action, return_, weight=None, reduction="mean", temperature=1.0):
         logit, action, return_, weight = _fronts(info, in_dims, (logit, action, return_, weight))
         return_, weight = _aligned(return_, action), _aligned(weight, action)
         if reduction not in _REDUCED:
-            return tuple(op(logit, action, return_, weight, reduction)), out_dims
+            return tuple(op(logit, action, return_, weight, reduction, temperature)), out_dims
         dtype = _loss_dtype(logit, return_, weight)
         acc = _acc_dtype(logit.dtype)
-        policy, entropy, *per_sample = op(logit, action, _at_least(return_, acc), _at_least(weight, acc), "none")
+        policy, entropy, *per_sample = op(logit, action, _at_least(return_, acc), _at_least(weight, acc), "none",
+                                          temperature)
         count = _samples_per_entry(action)
         return (_reduce(policy, reduction, count, dtype), _reduce(entropy, reduction, count, dtype),
                 *per_sample), out_dims
@@ -119,20 +120,21 @@ def _grad_args(info, in_dims, args, reduction):
 
 
 def _pg_error_backward(info, in_dims, grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy,
-                       reduction):
+                       reduction, temperature=1.0):
     args = (grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy)
-    return torch.ops.pgext.pg_error_backward(*_grad_args(info, in_dims, args, reduction)), 0
+    return torch.ops.pgext.pg_error_backward(*_grad_args(info, in_dims, args, reduction), temperature), 0
 
 
 def _pg_grad_from_stats(info, in_dims, grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy,
-                        reduction, vocab_start):
+                        reduction, vocab_start, temperature=1.0):
     args = (grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy)
-    return torch.ops.pgext.pg_grad_from_stats(*_grad_args(info, in_dims, args, reduction), vocab_start), 0
+    return torch.ops.pgext.pg_grad_from_stats(*_grad_args(info, in_dims, args, reduction), vocab_start,
+                                              temperature), 0
 
 
-def _pg_row_stats(info, in_dims, logit, action, vocab_start=0):
+def _pg_row_stats(info, in_dims, logit, action, vocab_start=0, temperature=1.0):
     logit, action = _fronts(info, in_dims, (logit, action))
-    return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start)), (0, 0, 0, 0)
+    return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start, temperature)), (0, 0, 0, 0)
 
 
 _LIB = None

@@ -32,13 +32,14 @@ import torch.distributed as dist
 from . import _check_call
 from ._distributed_linear import linear_log_prob_entropy
 from ._shard_check import build_header, check_headers
+from ._temperature import check_temperature
 from ._types import pg_data, pg_loss
 
 __all__ = ["pg_error", "log_prob_entropy", "linear_log_prob_entropy"]
 
 
 def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Optional[torch.Tensor] = None,
-             reduction: str = "mean") -> pg_loss:
+             reduction: str = "mean", temperature: float = 1.0) -> pg_loss:
     """``pgext.pg_error`` of the gathered logits, computed from this rank's shard.
 
     Args:
@@ -50,7 +51,8 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
             default group).
         vocab_start: this shard's first class id; default ``rank * N_local``
             (equal shards in rank order). Shards of different sizes need it.
-        weight, reduction: as in ``pgext.pg_error``.
+        weight, reduction, temperature: as in ``pgext.pg_error`` (every rank
+            must pass the same temperature).
 
     Returns:
         ``pg_loss(policy_loss, entropy_loss)``, the same on every rank.
@@ -67,6 +69,7 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     logit = action = return_ = None
     try:
         logit, action, return_ = _check_call(data, weight, reduction)
+        temperature = check_temperature("pg_error", temperature)
         if logit.dim() and logit.shape[-1] == 0:
             raise ValueError(
                 f"pg_error: rank {rank}'s logit shard {tuple(logit.shape)} holds no classes: every rank of the "
@@ -82,28 +85,31 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     check_headers(torch.stack(table).tolist(), rank, local_error, action, weight)
 
     policy, entropy = _ShardPgError.apply(
-        logit, return_, weight, action, vocab_start, reduction, group, loss_dtype)
+        logit, return_, weight, action, vocab_start, reduction, group, loss_dtype, temperature)
     return pg_loss(policy, entropy)
 
 
 def log_prob_entropy(logit: torch.Tensor, action: torch.Tensor, group=None, *, vocab_start: Optional[int] = None,
-                     ignore_index: Optional[int] = None):
+                     temperature: float = 1.0, ignore_index: Optional[int] = None):
     """``pgext.log_prob_entropy`` of the gathered logits, from this rank's
     shard of classes: ``(log_prob, entropy)`` of the actions' shape, the same
     on every rank; backward gives each rank its shard's gradient.
 
     It is ``pg_error`` with a return of -1 and reduction ``'none'`` (the same
-    collectives and checks); ``ignore_index`` as in ``pgext.log_prob_entropy``.
+    collectives and checks); ``temperature`` and ``ignore_index`` as in
+    ``pgext.log_prob_entropy`` (every rank must pass the same temperature).
     """
     if not isinstance(logit, torch.Tensor) or not isinstance(action, torch.Tensor):
         raise TypeError("log_prob_entropy: logit and action must be tensors")
+    temperature = check_temperature("log_prob_entropy", temperature)
     acc = _acc(logit) if logit.is_floating_point() else torch.float32
     minus_one = torch.full((), -1.0, dtype=acc, device=logit.device)
     if ignore_index is None:
-        return tuple(pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, reduction="none"))
+        return tuple(pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, reduction="none",
+                              temperature=temperature))
     keep = action != ignore_index  # weight 0: the ignored actions are neither checked nor read
     log_prob, entropy = pg_error(pg_data(logit, action, minus_one), group, vocab_start=vocab_start, weight=keep,
-                                 reduction="none")
+                                 reduction="none", temperature=temperature)
     return torch.where(keep, log_prob, 0), torch.where(keep, entropy, 0)
 
 
@@ -165,11 +171,12 @@ def _collective(what: str, fn, *args, **kwargs):
         raise
 
 
-def _global_row_stats(logit, action, vocab_start: int, group):
+def _global_row_stats(logit, action, vocab_start: int, group, temperature: float):
     """The whole rows' lse (float64), entropy and log-probability of the
-    action (accumulation dtype), from this shard and two all-reduces;
-    pg_math.md has the algebra."""
-    local_max, sum_exp, shifted_sum, action_logit = torch.ops.pgext.pg_row_stats(logit, action, vocab_start)
+    action (accumulation dtype) of logit / temperature, from this shard and
+    two all-reduces; pg_math.md has the algebra."""
+    local_max, sum_exp, shifted_sum, action_logit = torch.ops.pgext.pg_row_stats(
+        logit, action, vocab_start, temperature)
     row_max = local_max.clone()
     _collective("the all-reduce (MAX) of the row maxima", dist.all_reduce, row_max, dist.ReduceOp.MAX, group)
 
@@ -210,9 +217,9 @@ def _reduce(rows: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Ten
 
 class _ShardPgError(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logit, return_, weight, action, vocab_start, reduction, group, loss_dtype):
+    def forward(ctx, logit, return_, weight, action, vocab_start, reduction, group, loss_dtype, temperature):
         if action.numel():
-            lse, entropy, log_prob = _global_row_stats(logit, action, vocab_start, group)
+            lse, entropy, log_prob = _global_row_stats(logit, action, vocab_start, group, temperature)
         else:  # every rank has checked that all ranks are empty: no collective
             entropy = log_prob = torch.empty(action.shape, dtype=_acc(logit), device=logit.device)
             lse = torch.empty(action.shape, dtype=torch.float64, device=logit.device)
@@ -222,7 +229,7 @@ class _ShardPgError(torch.autograd.Function):
         policy_rows = -w * return_.to(acc) * log_prob
         entropy_rows = w * entropy
         ctx.save_for_backward(logit, action, return_, weight, lse, entropy, log_prob)
-        ctx.vocab_start, ctx.reduction = vocab_start, reduction
+        ctx.vocab_start, ctx.reduction, ctx.temperature = vocab_start, reduction, temperature
         return _reduce(policy_rows, reduction, loss_dtype), _reduce(entropy_rows, reduction, loss_dtype)
 
     @staticmethod
@@ -240,7 +247,7 @@ class _ShardPgError(torch.autograd.Function):
         if need_logit:
             grad_logit = torch.ops.pgext.pg_grad_from_stats(
                 grad_policy, grad_entropy, logit, action, return_, weight, lse, entropy, ctx.reduction,
-                ctx.vocab_start)
+                ctx.vocab_start, ctx.temperature)
         if need_ret or need_weight:
             # as pgext.pg_error's C++ autograd, summed back to the shape of a
             # broadcast return_ or weight
@@ -253,7 +260,7 @@ class _ShardPgError(torch.autograd.Function):
                 g_ent = _per_sample(grad_entropy.to(acc), ctx.reduction, action)
                 grad_weight = (-g_pol * return_.to(acc) * log_prob + g_ent * entropy).sum_to_size(
                     weight.shape).to(weight.dtype)
-        return grad_logit, grad_ret, grad_weight, None, None, None, None, None
+        return grad_logit, grad_ret, grad_weight, None, None, None, None, None, None
 
 
 def _per_sample(grad: torch.Tensor, reduction: str, action: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ __all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_err
            "a2c_error"]
 
 
-def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> pg_loss:
+def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+             temperature: float = 1.0) -> pg_loss:
     logit, action, return_ = data
-    dist = torch.distributions.categorical.Categorical(logits=logit)
+    dist = torch.distributions.categorical.Categorical(logits=logit / temperature)
     log_prob = dist.log_prob(action)
     policy = -(return_ * log_prob)
     entropy = dist.entropy()
@@ -41,12 +42,13 @@ def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "m
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def log_prob_entropy(logit, action, *, ignore_index=None):
-    """``Categorical``'s log_prob and entropy per sample (ignored samples 0)."""
+def log_prob_entropy(logit, action, *, temperature=1.0, ignore_index=None):
+    """``Categorical``'s log_prob and entropy per sample (ignored samples 0),
+    of the logits divided by the temperature (a scaled copy)."""
     keep = None if ignore_index is None else action != ignore_index
     if keep is not None:
         action = torch.where(keep, action, 0)
-    dist = torch.distributions.categorical.Categorical(logits=logit)
+    dist = torch.distributions.categorical.Categorical(logits=logit / temperature)
     log_prob, entropy = dist.log_prob(action), dist.entropy()
     if keep is not None:
         log_prob, entropy = torch.where(keep, log_prob, 0), torch.where(keep, entropy, 0)

@@ -174,6 +174,7 @@ def _error_cases(rank: int, world: int):
         "dtype_differs": call((mine.logit.double() if last else mine.logit, mine.action, mine.return_)),
         "reduction_differs": call(reduction="sum" if last else "mean"),
         "bad_reduction": call(reduction="avg"),
+        "bad_temperature": call(temperature=0.0 if last else 1.0),
         "negative_vocab_start": call(vocab_start=-1 if rank == 0 else starts[rank]),
         # too big for the int64 header: rejected before the all-gather too, the group stays in step
         "huge_vocab_start": call(vocab_start=2**63 if last else starts[rank]),
@@ -197,14 +198,24 @@ def log_prob_entropy_inputs(world: int):
     return inp.logit, action, ups
 
 
+#: sampling temperatures of the log_prob_entropy scenario (1: the default)
+TEMPERATURES = (1.0, 0.3, 2.5)
+
+
 def _log_prob_entropy(rank: int, world: int):
-    """This rank's (log_prob, entropy, shard gradient) of pgext.distributed.log_prob_entropy."""
+    """This rank's (log_prob, entropy, shard gradient) of pgext.distributed.log_prob_entropy,
+    per temperature."""
     splits, starts = layout(world)
     logit, action, ups = log_prob_entropy_inputs(world)
-    mine = logit[..., starts[rank]:starts[rank] + splits[rank]].clone().requires_grad_()
-    log_prob, entropy = pgext.distributed.log_prob_entropy(mine, action, vocab_start=starts[rank], ignore_index=-100)
-    torch.autograd.backward([log_prob, entropy], [ups[0], ups[1]])
-    return log_prob.detach(), entropy.detach(), mine.grad
+    out = {}
+    for temperature in TEMPERATURES:
+        mine = logit[..., starts[rank]:starts[rank] + splits[rank]].clone().requires_grad_()
+        kw = {} if temperature == 1.0 else {"temperature": temperature}
+        log_prob, entropy = pgext.distributed.log_prob_entropy(mine, action, vocab_start=starts[rank],
+                                                               ignore_index=-100, **kw)
+        torch.autograd.backward([log_prob, entropy], [ups[0], ups[1]])
+        out[temperature] = (log_prob.detach(), entropy.detach(), mine.grad)
+    return out
 
 
 def _ddp(rank: int, world: int):

@@ -128,27 +128,27 @@ def upstream(reduction, rows, dtype, seed=7):
     return [(torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype) for _ in range(2)]
 
 
-def run_ops(ops, inp, reduction):
+def run_ops(ops, inp, reduction, temperature=1.0):
     """Forward and backward through `ops` (torch.ops.pgext or the emulated
     CUDA ops), with the CPU forward's saved statistics, so that each kernel
     is compared on its own."""
     logit, action, ret, weight = inp
-    fwd = ops.pg_error_forward(logit, action, ret, weight, reduction)
-    saved = torch.ops.pgext.pg_error_forward(logit, action, ret, weight, reduction)
+    fwd = ops.pg_error_forward(logit, action, ret, weight, reduction, temperature)
+    saved = torch.ops.pgext.pg_error_forward(logit, action, ret, weight, reduction, temperature)
     gp, ge = upstream(reduction, action.numel(), fwd[0].dtype)
     if reduction == "none":
         gp, ge = gp.view(action.shape), ge.view(action.shape)
-    grad = ops.pg_error_backward(gp, ge, logit, action, ret, weight, saved[2], saved[3], reduction)
+    grad = ops.pg_error_backward(gp, ge, logit, action, ret, weight, saved[2], saved[3], reduction, temperature)
     return (*fwd, grad)
 
 
-def compare_forward_backward(emulated, inp, what):
+def compare_forward_backward(emulated, inp, what, temperature=1.0):
     for reduction in ("none", "mean", "sum"):
         before = emulated.launch_count()
-        got = run_ops(emulated, inp, reduction)
+        got = run_ops(emulated, inp, reduction, temperature)
         # the emulated kernels ran (not pgext's CPU kernels by mistake)
         assert emulated.launch_count() > before or inp.logit.shape[0] == 0
-        want = run_ops(torch.ops.pgext, inp, reduction)
+        want = run_ops(torch.ops.pgext, inp, reduction, temperature)
         assert_all_same(got, want, f"{what}, {reduction}", inp.logit.dtype)
 
 
@@ -224,6 +224,35 @@ def test_row_stats_and_grad_from_stats(emulated, dtype):
             args = (gp, ge, shard, full.action, full.return_, full.weight, saved[2], saved[3], reduction, start)
             assert_same(emulated.pg_grad_from_stats(*args), torch.ops.pgext.pg_grad_from_stats(*args),
                         f"grad from stats N={n} start={start} {reduction}", dtype)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 2.5])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_temperature(emulated, dtype, temperature):
+    """The temperature at every launch path (short rows of a few lanes and of
+    a warp, the longest short row, long rows and a backward split over
+    blocks), misaligned, masked: the CPU kernels' values (which test_temperature.py
+    checks against float64), with and without a temperature apart (so it is
+    applied, not ignored), and row stats / grad from stats of a shard."""
+    v = vec(dtype)
+    sizes = [3, 8 * v + 1, SHORT_ROW, SHORT_ROW + 1, 256 * PACKS_PER_THREAD * v + 1]
+    for i, n in enumerate(sizes):
+        inp = inputs(rows_for(n), n, dtype, seed=n, layout="misaligned start" if i % 2 else "contiguous",
+                     weight=i % 2 == 0)
+        compare_forward_backward(emulated, inp, f"T={temperature} N={n}", temperature)
+        scaled = run_ops(emulated, inp, "none", temperature)
+        plain = run_ops(emulated, inp, "none")
+        assert not torch.allclose(scaled[3].double(), plain[3].double()), "the temperature changed no entropy"
+        start = n // 3
+        shard = inp.logit[:, start:]
+        got = emulated.pg_row_stats(shard, inp.action, start, temperature)
+        assert_all_same(got, torch.ops.pgext.pg_row_stats(shard, inp.action, start, temperature),
+                        f"row stats T={temperature} N={n}", dtype)
+        saved = torch.ops.pgext.pg_error_forward(*inp, "none", temperature)
+        gp, ge = upstream("none", inp.action.numel(), saved[0].dtype)
+        args = (gp, ge, shard, inp.action, inp.return_, inp.weight, saved[2], saved[3], "none", start, temperature)
+        assert_same(emulated.pg_grad_from_stats(*args), torch.ops.pgext.pg_grad_from_stats(*args),
+                    f"grad from stats T={temperature} N={n}", dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

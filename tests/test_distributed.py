@@ -99,21 +99,29 @@ def test_matches_single_device(world, name, spawned):
     _compare([res["values"][name] for res in spawned(world)], CASES[name], world)
 
 
+@pytest.mark.parametrize("temperature", W.TEMPERATURES)
 @pytest.mark.parametrize("world", [2, 3])
-def test_log_prob_entropy_matches_single_device(world, spawned):
-    """pgext.distributed.log_prob_entropy (padding ignored) against
-    pgext.log_prob_entropy on the gathered logits: values and each shard's gradient."""
+def test_log_prob_entropy_matches_single_device(world, temperature, spawned):
+    """pgext.distributed.log_prob_entropy (padding ignored, at a sampling
+    temperature) against pgext.log_prob_entropy on the gathered logits:
+    values and each shard's gradient."""
     logit, action, ups = W.log_prob_entropy_inputs(world)
     full = logit.clone().requires_grad_()
-    want = pgext.log_prob_entropy(full, action, ignore_index=-100)
+    want = pgext.log_prob_entropy(full, action, ignore_index=-100, temperature=temperature)
     torch.autograd.backward(list(want), [ups[0], ups[1]])
+    if temperature != 1.0:  # the temperature reaches the shards: not the values at 1
+        plain = pgext.log_prob_entropy(logit, action, ignore_index=-100)[1]
+        assert (plain - want[1]).abs().max() > 1e-3
     splits, starts = W.layout(world)
     for rank, res in enumerate(spawned(world)):
-        log_prob, entropy, grad = res["log_prob_entropy"]
+        log_prob, entropy, grad = res["log_prob_entropy"][temperature]
         torch.testing.assert_close(log_prob, want[0].detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(entropy, want[1].detach(), rtol=1e-5, atol=1e-5)
         assert log_prob[0, 1] == 0 and entropy[3, 3] == 0
-        torch.testing.assert_close(grad, full.grad[..., starts[rank]:starts[rank] + splits[rank]], rtol=1e-5, atol=1e-6)
+        # float32 rounding of x / T - lse: the gradient carries 1 / T
+        tol = 1 / min(temperature, 1.0)
+        torch.testing.assert_close(grad, full.grad[..., starts[rank]:starts[rank] + splits[rank]], rtol=1e-5 * tol,
+                                   atol=1e-6 * tol)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -172,6 +180,7 @@ ERRORS = {
     "dtype_differs": _everywhere("ValueError", r"same dtype on every rank, got \[float32, .*float64\]"),
     "reduction_differs": _everywhere("ValueError", r"same reduction, got \[mean, .*sum\]"),
     "bad_reduction": _everywhere("ValueError", r"reduction must be 'mean', 'sum' or 'none', got 'avg'"),
+    "bad_temperature": _one_rank(lambda w: w - 1, "ValueError", r"temperature must be a finite number > 0, got 0.0"),
     "local_shape_error": _one_rank(lambda w: w - 1, "ValueError", r"return_ must have the shape of action \[6\]"),
     "local_type_error": _one_rank(lambda w: w - 1, "TypeError", r"logit must be a torch.Tensor, got str"),
     "negative_vocab_start": _one_rank(lambda w: 0, "ValueError", r"vocab_start must be in \[0, 2\*\*63\), got -1"),

@@ -88,8 +88,14 @@ inline auto load_tail(const scalar_t* x, int64_t rest) {
   return std::pair<V, V>(V::set(neg_inf, a, first), V::set(neg_inf, b, second));
 }
 
-template <typename scalar_t>
-RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) {
+// The statistics of the block's logits divided by the temperature (inv_t =
+// 1 / T): the max of the unscaled logits, scaled (the same value, see
+// math::scaled_logit), then the sums of x * inv_t - m. kScaled = false (T =
+// 1) is the loop without the temperature: a fused multiply-add by 1 in place
+// of the subtraction gives the same bits but took 5 to 10 % off a float32
+// forward at 4096 x 1000 (AVX-512, one thread).
+template <bool kScaled, typename scalar_t>
+RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> inv_t) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
@@ -109,8 +115,8 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
   if (rest > 0) {
     vmax = max_of(vmax, max_of(tail0, tail1));
   }
-  const acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t m = math::scaled_logit(
+      at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax), inv_t);
   if (m != m) {
     return {m, m, m};
   }
@@ -126,9 +132,16 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len) 
 
   // Two independent accumulator pairs keep the exp pipeline busy.
   const V vm(m);
+  const V neg_m(-m);
+  const V scale(inv_t);
   V s0(acc_t(0)), s1(acc_t(0)), u0(acc_t(0)), u1(acc_t(0));
   const auto add_to = [&](const V& x_acc, V& s, V& u) {
-    const V d = shifted(x_acc, vm);
+    V d;
+    if constexpr (kScaled) {
+      d = scaled_shifted(x_acc, scale, neg_m);
+    } else {
+      d = shifted(x_acc, vm);
+    }
     const V e = vexp(d);
     s = s + e;
     u = at::vec::fmadd(e, d, u);
@@ -165,10 +178,13 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   const int64_t n = in.n;
   const int64_t rows = in.rows;
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   const auto row = [&](int64_t r) { return logit.row(r); };
   const auto stats_of_block = [&](int64_t r, int64_t b) {
     const int64_t start = b * kBlock;
-    return block_stats(row(r) + start, std::min(kBlock, n - start));
+    const int64_t len = std::min(kBlock, n - start);
+    return inv_t == acc_t(1) ? block_stats<false>(row(r) + start, len, inv_t)
+                             : block_stats<true>(row(r) + start, len, inv_t);
   };
 
   const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
@@ -206,10 +222,12 @@ template <typename scalar_t>
 void forward_typed(const RowInputs& in, ForwardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const ForwardSink<acc_t> sink(in, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const auto res = math::finish_row(st);
     const int64_t a = sink.column(r);
-    sink.put(r, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0), st.m, res.log_s, res.entropy);
+    sink.put(r, a >= 0 ? math::scaled_logit(static_cast<acc_t>(row[a]), inv_t) : acc_t(0), st.m, res.log_s,
+             res.entropy);
   });
 }
 
@@ -217,9 +235,10 @@ template <typename scalar_t>
 void row_stats_typed(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const ShardSink<acc_t> sink(in, vocab_start, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_row_stats<scalar_t>(in, [&](int64_t r, const scalar_t* row, RowStats<acc_t> st) {
     const int64_t a = sink.action_column(r);
-    sink.put(r, st.m, st.s, st.u, a >= 0 ? static_cast<acc_t>(row[a]) : acc_t(0));
+    sink.put(r, st.m, st.s, st.u, a >= 0 ? math::scaled_logit(static_cast<acc_t>(row[a]), inv_t) : acc_t(0));
   });
 }
 
@@ -239,164 +258,184 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
   // block buffer.
   const bool stream = in.rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
   const int64_t tasks = in.rows * nblocks;
+  const V vscale(static_cast<acc_t>(in.inv_temperature));
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gbuf(!kConvert && stream ? kBlock : 0);
-    std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
-    for (const auto t : c10::irange(begin, end)) {
-      const int64_t r = t / nblocks;
-      const int64_t start = (t % nblocks) * kBlock;
-      const int64_t len = std::min(kBlock, n - start);
-      const auto c = src.coef(r);
-      const scalar_t* x = logit.row(r) + start;
-      scalar_t* dst = out + r * n + start;
-      const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
+  // The whole loop once per case, so that without a temperature (kScaled
+  // false) the loop is the one without the multiply, compiled as before.
+  const auto run = [&](auto scaled_tag) {
+    constexpr bool kScaled = decltype(scaled_tag)::value;
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gbuf(!kConvert && stream ? kBlock : 0);
+      std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
+      for (const auto t : c10::irange(begin, end)) {
+        const int64_t r = t / nblocks;
+        const int64_t start = (t % nblocks) * kBlock;
+        const int64_t len = std::min(kBlock, n - start);
+        const auto c = src.coef(r);
+        const scalar_t* x = logit.row(r) + start;
+        scalar_t* dst = out + r * n + start;
+        const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
 
-      const auto lse = src.row_lse(r);
-      const V vhi(lse.hi);
-      const V vlo(lse.lo);
-      const V vk(c.k);
-      const V vce(c.c_entropy);
-      const bool factored = factorable(c);
-      // grad_vec(x): the gradient of a vector of logits; grad_pair(x0, x1):
-      // of two, their exponentials in turn (vexp_pair).
-      const auto row_block = [&](const auto& grad_vec, const auto& grad_pair) {
-        // grad of `count` logits in acc_t at x_acc into g, the one-hot entry
-        // (at column a) included
-        const auto grad_run = [&](const acc_t* x_acc, int64_t count, acc_t* g) {
-          const auto pair_at = [&](int64_t i0, int64_t i1) {
-            const auto [g0, g1] = grad_pair(V::loadu(x_acc + i0), V::loadu(x_acc + i1));
-            g0.store(g + i0);
-            g1.store(g + i1);
-          };
-          int64_t i = 0;
-          for (; i + 2 * W <= count; i += 2 * W) {
-            pair_at(i, i + W);
-          }
-          // A ragged end is computed as the last W logits, overlapping the
-          // vector before (those values are written again, the same bits):
-          // at::vec's partial loads and stores go through a buffer and cost
-          // more than a vector's arithmetic.
-          const int64_t rest = count - i;
-          if (rest > W) {
-            pair_at(i, count - W);
-          } else if (rest > 0 && count >= W) {
-            grad_vec(V::loadu(x_acc + count - W)).store(g + count - W);
-          } else if (rest > 0) {
-            grad_vec(V::loadu(x_acc + i, rest)).store(g + i, rest);
-          }
-          if (a >= 0 && a < count) {
-            g[a] -= c.c_policy;
-          }
-        };
-
-        if constexpr (!kConvert) {
-          acc_t* g = stream ? gbuf.data() : dst;
-          grad_run(x, len, g);
-          if (stream) {
-            stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
-          }
-        } else {
-          // Half types: convert, compute and convert back in registers, two
-          // float vectors per half vector (pg_cpu_vec.h). A chunk is `count`
-          // logits from column i; `one_hot` is the action's column within it,
-          // or -1.
-          using VS = Vectorized<scalar_t>;
-          constexpr int64_t WS = VS::size();
-          scalar_t* d = stream ? sbuf.data() : dst;
-          const V lane_index = V::arange(acc_t(0), acc_t(1));
-          const V zero(acc_t(0));
-          const V vcp(c.c_policy);
-          // g less c_policy in the lane numbered `lane` (if any): the one-hot
-          // subtracted in registers, since a scalar write into a spilled
-          // vector stalls its reload (store forwarding), about a row's time on
-          // short rows. x - 0 is x, so the other lanes are unchanged.
-          const auto less_policy_at = [&](const V& g, const V& lane) {
-            return g - V::blendv(zero, vcp, lane_index == lane);
-          };
-          const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
-            auto [first, second] = half_pair_load(x + i, count);
-            first = grad_vec(first);
-            second = grad_vec(second);
-            if (one_hot >= 0) {
-              const V slot(static_cast<acc_t>(half_pair_slot<scalar_t>(one_hot)));
-              first = less_policy_at(first, slot);
-              second = less_policy_at(second, slot - V(acc_t(W)));
+        const auto lse = src.row_lse(r);
+        const V vhi(lse.hi);
+        const V vneg_hi(-lse.hi);
+        const V vlo(lse.lo);
+        const V vk(c.k);
+        const V vce(c.c_entropy);
+        const bool factored = factorable(c);
+        // grad_vec(x): the gradient of a vector of logits; grad_pair(x0, x1):
+        // of two, their exponentials in turn (vexp_pair).
+        const auto row_block = [&](const auto& grad_vec, const auto& grad_pair) {
+          // grad of `count` logits in acc_t at x_acc into g, the one-hot entry
+          // (at column a) included
+          const auto grad_run = [&](const acc_t* x_acc, int64_t count, acc_t* g) {
+            const auto pair_at = [&](int64_t i0, int64_t i1) {
+              const auto [g0, g1] = grad_pair(V::loadu(x_acc + i0), V::loadu(x_acc + i1));
+              g0.store(g + i0);
+              g1.store(g + i1);
+            };
+            int64_t i = 0;
+            for (; i + 2 * W <= count; i += 2 * W) {
+              pair_at(i, i + W);
             }
-            half_pair_store(first, second, d + i, count);
+            // A ragged end is computed as the last W logits, overlapping the
+            // vector before (those values are written again, the same bits):
+            // at::vec's partial loads and stores go through a buffer and cost
+            // more than a vector's arithmetic.
+            const int64_t rest = count - i;
+            if (rest > W) {
+              pair_at(i, count - W);
+            } else if (rest > 0 && count >= W) {
+              grad_vec(V::loadu(x_acc + count - W)).store(g + count - W);
+            } else if (rest > 0) {
+              grad_vec(V::loadu(x_acc + i, rest)).store(g + i, rest);
+            }
+            if (a >= 0 && a < count) {
+              g[a] -= c.c_policy;
+            }
           };
-          // Only the chunk that holds the action's entry blends it in; the
-          // loops around it test nothing. The ragged end is one more chunk.
-          const int64_t full = len - len % WS;
-          const int64_t a_chunk = a >= 0 && a < full ? a - a % WS : full;
-          for (int64_t i = 0; i < a_chunk; i += WS) {
-            chunk(i, WS, -1);
-          }
-          if (a_chunk < full) {
-            chunk(a_chunk, WS, a - a_chunk);
-          }
-          for (int64_t i = a_chunk + WS; i < full; i += WS) {
-            chunk(i, WS, -1);
-          }
-          if (full < len) {
-            bool done = false;
-#if defined(CPU_CAPABILITY_AVX2)
-            if constexpr (kBf16EvenOddRounding<scalar_t>) {
-              if (len - full <= W && len >= W) {
-                // A ragged end of at most W logits (18 = 16 + 2): the last W,
-                // in order, as one float vector, where a pair computes 2W.
-                // N = 18: 70 -> 64 ns a row; N = 40: 99 -> 87 (one thread).
-                const int64_t i = len - W;
-                V g = grad_vec(load_bf16_in_order(x + i));
-                if (a >= i && a < len) {
-                  g = less_policy_at(g, V(static_cast<acc_t>(a - i)));
+
+          if constexpr (!kConvert) {
+            acc_t* g = stream ? gbuf.data() : dst;
+            grad_run(x, len, g);
+            if (stream) {
+              stream_copy(g, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+            }
+          } else {
+            // Half types: convert, compute and convert back in registers, two
+            // float vectors per half vector (pg_cpu_vec.h). A chunk is `count`
+            // logits from column i; `one_hot` is the action's column within it,
+            // or -1.
+            using VS = Vectorized<scalar_t>;
+            constexpr int64_t WS = VS::size();
+            scalar_t* d = stream ? sbuf.data() : dst;
+            const V lane_index = V::arange(acc_t(0), acc_t(1));
+            const V zero(acc_t(0));
+            const V vcp(c.c_policy);
+            // g less c_policy in the lane numbered `lane` (if any): the one-hot
+            // subtracted in registers, since a scalar write into a spilled
+            // vector stalls its reload (store forwarding), about a row's time on
+            // short rows. x - 0 is x, so the other lanes are unchanged.
+            const auto less_policy_at = [&](const V& g, const V& lane) {
+              return g - V::blendv(zero, vcp, lane_index == lane);
+            };
+            const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
+              auto [first, second] = half_pair_load(x + i, count);
+              first = grad_vec(first);
+              second = grad_vec(second);
+              if (one_hot >= 0) {
+                const V slot(static_cast<acc_t>(half_pair_slot<scalar_t>(one_hot)));
+                first = less_policy_at(first, slot);
+                second = less_policy_at(second, slot - V(acc_t(W)));
+              }
+              half_pair_store(first, second, d + i, count);
+            };
+            // Only the chunk that holds the action's entry blends it in; the
+            // loops around it test nothing. The ragged end is one more chunk.
+            const int64_t full = len - len % WS;
+            const int64_t a_chunk = a >= 0 && a < full ? a - a % WS : full;
+            for (int64_t i = 0; i < a_chunk; i += WS) {
+              chunk(i, WS, -1);
+            }
+            if (a_chunk < full) {
+              chunk(a_chunk, WS, a - a_chunk);
+            }
+            for (int64_t i = a_chunk + WS; i < full; i += WS) {
+              chunk(i, WS, -1);
+            }
+            if (full < len) {
+              bool done = false;
+  #if defined(CPU_CAPABILITY_AVX2)
+              if constexpr (kBf16EvenOddRounding<scalar_t>) {
+                if (len - full <= W && len >= W) {
+                  // A ragged end of at most W logits (18 = 16 + 2): the last W,
+                  // in order, as one float vector, where a pair computes 2W.
+                  // N = 18: 70 -> 64 ns a row; N = 40: 99 -> 87 (one thread).
+                  const int64_t i = len - W;
+                  V g = grad_vec(load_bf16_in_order(x + i));
+                  if (a >= i && a < len) {
+                    g = less_policy_at(g, V(static_cast<acc_t>(a - i)));
+                  }
+                  store_bf16_in_order(g, d + i);
+                  done = true;
                 }
-                store_bf16_in_order(g, d + i);
-                done = true;
+              }
+  #endif
+              if (!done) {
+                // From len >= WS on, the last WS logits, overlapping (see grad_run).
+                const int64_t i = len >= WS ? len - WS : full;
+                chunk(i, len - i, a >= i && a < len ? a - i : -1);
               }
             }
-#endif
-            if (!done) {
-              // From len >= WS on, the last WS logits, overlapping (see grad_run).
-              const int64_t i = len >= WS ? len - WS : full;
-              chunk(i, len - i, a >= i && a < len ? a - i : -1);
+            if (stream) {
+              stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
             }
           }
-          if (stream) {
-            stream_copy(d, len * static_cast<int64_t>(sizeof(scalar_t)), dst);
+        };
+        // p * k - cE * (p * t) (pg_math.h) is exactly 0 wherever p is, whatever
+        // the coefficients. p * (k - cE * t) has one multiply after the
+        // exponential instead of two and an fnmadd, which took 13% off a float32
+        // backward at 4096 x 1000 (AVX2, one thread; the loop waits on the
+        // exponential's latency). It is exact at p = 0 too as long as k - cE * t
+        // is finite: with t >= -88 (kVexpFloor), for coefficients up to
+        // kFactoredMax.
+        const auto with_grad = [&](const auto& grad_of, const auto& exponent) {  // grad_of(p, t)
+          row_block(
+              [&](const V& xv) {
+                const V tv = exponent(xv);
+                return grad_of(vexp(tv), tv);
+              },
+              [&](const V& x0, const V& x1) {
+                const V t0 = exponent(x0);
+                const V t1 = exponent(x1);
+                const auto [p0, p1] = vexp_pair(t0, t1);
+                return std::pair<V, V>(grad_of(p0, t0), grad_of(p1, t1));
+              });
+        };
+        // t = x / T - lse: without a temperature, x - lse with no multiply
+        const auto exponent = [&](const V& xv) {
+          if constexpr (kScaled) {
+            return scaled_shifted(xv, vscale, vneg_hi, vlo);
+          } else {
+            return shifted(xv, vhi, vlo);
           }
+        };
+        if (factored) {
+          with_grad([&](const V& p, const V& tv) { return grad_of_exp_factored(p, tv, vk, vce); }, exponent);
+        } else {
+          with_grad([&](const V& p, const V& tv) { return grad_of_exp(p, tv, vk, vce); }, exponent);
         }
-      };
-      // p * k - cE * (p * t) (pg_math.h) is exactly 0 wherever p is, whatever
-      // the coefficients. p * (k - cE * t) has one multiply after the
-      // exponential instead of two and an fnmadd, which took 13% off a float32
-      // backward at 4096 x 1000 (AVX2, one thread; the loop waits on the
-      // exponential's latency). It is exact at p = 0 too as long as k - cE * t
-      // is finite: with t >= -88 (kVexpFloor), for coefficients up to
-      // kFactoredMax.
-      const auto with_grad = [&](const auto& grad_of) {  // grad_of(p, t)
-        row_block(
-            [&](const V& xv) {
-              const V tv = shifted(xv, vhi, vlo);
-              return grad_of(vexp(tv), tv);
-            },
-            [&](const V& x0, const V& x1) {
-              const V t0 = shifted(x0, vhi, vlo);
-              const V t1 = shifted(x1, vhi, vlo);
-              const auto [p0, p1] = vexp_pair(t0, t1);
-              return std::pair<V, V>(grad_of(p0, t0), grad_of(p1, t1));
-            });
-      };
-      if (factored) {
-        with_grad([&](const V& p, const V& tv) { return grad_of_exp_factored(p, tv, vk, vce); });
-      } else {
-        with_grad([&](const V& p, const V& tv) { return grad_of_exp(p, tv, vk, vce); });
       }
-    }
-    if (stream) {
-      stream_fence();
-    }
-  });
+      if (stream) {
+        stream_fence();
+      }
+    });
+  };
+  if (in.inv_temperature != 1.0) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
 }
 
 template <typename scalar_t>

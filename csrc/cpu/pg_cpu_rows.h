@@ -134,7 +134,7 @@ struct BackwardSource {
         g_ent(rows.grad_entropy),
         lse(rows.lse.const_data_ptr<double>()),
         entropy(rows.entropy.const_data_ptr<acc_t>()),
-        inv_count(static_cast<acc_t>(rows.inv_count)) {}
+        inv_count(math::grad_scale<acc_t>(rows.inv_count, in.inv_temperature)) {}
 
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
@@ -160,7 +160,7 @@ struct BackwardSource {
   UpstreamGrad<acc_t> g_ent;
   const double* lse;  // float64: split into hi + lo per row
   const acc_t* entropy;
-  acc_t inv_count;
+  acc_t inv_count;  // 1 / C and 1 / temperature (math::grad_scale)
 };
 
 }  // namespace CPU_CAPABILITY

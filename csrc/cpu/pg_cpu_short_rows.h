@@ -65,29 +65,30 @@ inline void load_tile(const LogitRows<scalar_t>& x, int64_t r0, int64_t live, ac
   }
 }
 
-// m, s and u (pg_math.h) of the W rows of a tile, as the per-row kernel
-// computes them: a fully masked row gives (-inf, 0, 0), a row with a NaN
-// gives NaN throughout.
+// m, s and u (pg_math.h) of the W rows of a tile, of their logits divided by
+// the temperature (scale = 1 / T), as the per-row kernel computes them: a
+// fully masked row gives (-inf, 0, 0), a row with a NaN gives NaN throughout.
 template <typename acc_t>
 struct TileStats {
   Vectorized<acc_t> m, s, u;
 };
 
 template <typename acc_t>
-inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n) {
+inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n, const Vectorized<acc_t>& scale) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   V m = V::loadu(tile);
   for (int64_t j = 1; j < n; ++j) {
     m = at::vec::maximum(m, V::loadu(tile + j * W));
   }
+  m = m * scale;  // the max of the scaled logits (math::scaled_logit)
   // A fully masked row is shifted by 0, not by -inf: its logits then clamp to
   // the lowest finite value and add exactly 0 to s and u.
   const V zero(acc_t(0));
-  const V shift = V::blendv(m, zero, m == V(math::neg_inf<acc_t>()));
+  const V neg_shift = V::blendv(m * V(acc_t(-1)), zero, m == V(math::neg_inf<acc_t>()));
   V s(zero), u(zero);
   for (int64_t j = 0; j < n; ++j) {
-    const V d = shifted(V::loadu(tile + j * W), shift);
+    const V d = scaled_shifted(V::loadu(tile + j * W), scale, neg_shift);
     const V e = vexp(d);
     s = s + e;
     u = at::vec::fmadd(e, d, u);
@@ -98,20 +99,21 @@ inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n) {
 
 // Loads every tile of W rows, computes its statistics and hands both to
 // emit(r0, live, tile, stats), for rows [r0, r0 + live); tiles of different
-// threads at once.
+// threads at once. The tile holds the logits as they are (not scaled).
 template <typename scalar_t, typename Emit>
 void for_each_tile_stats(const RowInputs& in, const Emit& emit) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = Vectorized<acc_t>::size();
   const LogitRows<scalar_t> x(in);
   const ShortTiles<acc_t> tiles{x.rows, x.n};
+  const Vectorized<acc_t> scale(static_cast<acc_t>(in.inv_temperature));
   at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
     alignas(64) acc_t tile[kShortRowMax<acc_t> * W];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * W;
       const int64_t live = std::min(W, x.rows - r0);
       load_tile(x, r0, live, tile);
-      emit(r0, live, static_cast<const acc_t*>(tile), tile_stats(tile, x.n));
+      emit(r0, live, static_cast<const acc_t*>(tile), tile_stats(tile, x.n, scale));
     }
   });
 }
@@ -122,6 +124,7 @@ void forward_short_rows(const RowInputs& in, ForwardRows& out) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const ForwardSink<acc_t> sink(in, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_tile_stats<scalar_t>(in, [&](int64_t r0, int64_t live, const acc_t* tile, const TileStats<acc_t>& st) {
     // finish_row, for W rows at once
     alignas(64) acc_t m[W];
@@ -133,7 +136,7 @@ void forward_short_rows(const RowInputs& in, ForwardRows& out) {
     (vlog_s - st.u / st.s).store(entropy);
     for (int64_t i = 0; i < live; ++i) {
       const int64_t a = sink.column(r0 + i);
-      sink.put(r0 + i, a >= 0 ? tile[a * W + i] : acc_t(0), m[i], log_s[i], entropy[i]);
+      sink.put(r0 + i, a >= 0 ? math::scaled_logit(tile[a * W + i], inv_t) : acc_t(0), m[i], log_s[i], entropy[i]);
     }
   });
 }
@@ -143,6 +146,7 @@ void row_stats_short_rows(const RowInputs& in, int64_t vocab_start, ShardRows& o
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = Vectorized<acc_t>::size();
   const ShardSink<acc_t> sink(in, vocab_start, out);
+  const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
   for_each_tile_stats<scalar_t>(in, [&](int64_t r0, int64_t live, const acc_t* tile, const TileStats<acc_t>& st) {
     alignas(64) acc_t m[W];
     alignas(64) acc_t s[W];
@@ -152,7 +156,7 @@ void row_stats_short_rows(const RowInputs& in, int64_t vocab_start, ShardRows& o
     st.u.store(u);
     for (int64_t i = 0; i < live; ++i) {
       const int64_t a = sink.action_column(r0 + i);
-      sink.put(r0 + i, m[i], s[i], u[i], a >= 0 ? tile[a * W + i] : acc_t(0));
+      sink.put(r0 + i, m[i], s[i], u[i], a >= 0 ? math::scaled_logit(tile[a * W + i], inv_t) : acc_t(0));
     }
   });
 }
@@ -177,11 +181,12 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
   scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
   const int64_t n = x.n;
   const ShortTiles<acc_t> tiles{x.rows, n};
+  const V vscale(static_cast<acc_t>(in.inv_temperature));
 
   at::parallel_for(0, tiles.count(), tiles.grain(), [&](int64_t begin, int64_t end) {
     // zeros beyond column n - 1 (see the bfloat16 column pairs)
     alignas(64) acc_t tile[kShortRowMax<acc_t> * W] = {};
-    alignas(64) acc_t lse_hi[W];
+    alignas(64) acc_t lse_hi[W];  // -hi
     alignas(64) acc_t lse_lo[W];
     alignas(64) acc_t k_lane[W];
     alignas(64) acc_t ce_lane[W];
@@ -204,7 +209,7 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
         const int64_t r = r0 + std::min(i, live - 1);
         const auto c = src.coef(r);
         const auto lse = src.row_lse(r);
-        lse_hi[i] = lse.hi;
+        lse_hi[i] = -lse.hi;  // negated: scaled_shifted adds it
         lse_lo[i] = lse.lo;
         k_lane[i] = c.k;
         ce_lane[i] = c.c_entropy;
@@ -218,13 +223,13 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
       // after the scalar writes above, so that they have left the store
       // buffer before the columns read them as vectors
       load_tile(x, r0, live, tile);
-      const V vhi = V::loadu(lse_hi);
+      const V vneg_hi = V::loadu(lse_hi);
       const V vlo = V::loadu(lse_lo);
       const V vk = V::loadu(k_lane);
       const V vce = V::loadu(ce_lane);
       const V zero(acc_t(0));
       const auto column = [&](int64_t j) {
-        const V tv = shifted(V::loadu(tile + j * W), vhi, vlo);
+        const V tv = scaled_shifted(V::loadu(tile + j * W), vscale, vneg_hi, vlo);
         const V p = vexp(tv);
         return grad_of_exp(p, tv, vk, vce) - V::loadu(one_hot + j * W);
       };
@@ -245,8 +250,8 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
             // thread. For an odd n the pair after the last column reads the
             // tile's zeros and is never stored.
             for (int64_t j = 0; j < n; j += 2) {
-              const V t0 = shifted(V::loadu(tile + j * W), vhi, vlo);
-              const V t1 = shifted(V::loadu(tile + (j + 1) * W), vhi, vlo);
+              const V t0 = scaled_shifted(V::loadu(tile + j * W), vscale, vneg_hi, vlo);
+              const V t1 = scaled_shifted(V::loadu(tile + (j + 1) * W), vscale, vneg_hi, vlo);
               const auto [p0, p1] = vexp_pair(t0, t1);
               const V g0 = grad_of_exp_factored(p0, t0, vk, vce) - V::loadu(one_hot + j * W);
               const V g1 = grad_of_exp_factored(p1, t1, vk, vce) - V::loadu(one_hot + (j + 1) * W);

@@ -61,6 +61,23 @@ inline Vectorized<acc_t> shifted(const Vectorized<acc_t>& x, const Vectorized<ac
   return at::vec::clamp_min((x - hi) - lo, Vectorized<acc_t>(exp_floor<acc_t>()));
 }
 
+// The same two for logits divided by the temperature, x * scale (scale =
+// 1 / T) in place of x, with the negated shift: one fused multiply-add where
+// the subtraction was, so the temperature costs the hot loops nothing, and
+// for scale = 1 the very same bits (x * 1 + (-shift) rounds as x - shift).
+template <typename acc_t>
+inline Vectorized<acc_t> scaled_shifted(
+    const Vectorized<acc_t>& x, const Vectorized<acc_t>& scale, const Vectorized<acc_t>& neg_shift) {
+  return at::vec::clamp_min(at::vec::fmadd(x, scale, neg_shift), Vectorized<acc_t>(exp_floor<acc_t>()));
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> scaled_shifted(
+    const Vectorized<acc_t>& x, const Vectorized<acc_t>& scale, const Vectorized<acc_t>& neg_hi,
+    const Vectorized<acc_t>& lo) {
+  return at::vec::clamp_min(at::vec::fmadd(x, scale, neg_hi) - lo, Vectorized<acc_t>(exp_floor<acc_t>()));
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // The constants of vexp and vexp_pair; the polynomial is at::vec's exp_u20's.
 namespace vexp_const {

@@ -43,7 +43,8 @@ struct BackwardArgs {
   int64_t grad_entropy_stride;
   const double* lse;  // math::saved_lse, split per row
   const acc_t* entropy;
-  acc_t inv_count;
+  acc_t inv_count;      // 1 / C and 1 / temperature (math::grad_scale)
+  acc_t inv_t;          // 1 / temperature: each logit is read as x * inv_t
   int64_t vocab_start;  // first class of the row (0 unless a shard)
   bool shard;           // actions outside the row are legal (no one-hot term)
   scalar_t* grad;  // (rows, n) contiguous
@@ -78,7 +79,7 @@ __device__ __forceinline__ void backward_row(
   }
   const auto lse = math::split_lse<acc_t>(p.lse[r]);
   const auto grad_at = [&](scalar_t x, int64_t j) {
-    acc_t g = math::grad_elem(static_cast<acc_t>(x), lse, c);
+    acc_t g = math::grad_elem(math::scaled_logit(static_cast<acc_t>(x), p.inv_t), lse, c);
     if (j == a) {
       g -= c.c_policy;
     }
@@ -157,7 +158,8 @@ void backward_typed(const RowInputs& in, const BackwardRows& rows, at::Tensor& g
   p.grad_entropy_stride = grad_row_stride(rows.grad_entropy);
   p.lse = rows.lse.const_data_ptr<double>();
   p.entropy = rows.entropy.const_data_ptr<acc_t>();
-  p.inv_count = static_cast<acc_t>(rows.inv_count);
+  p.inv_count = math::grad_scale<acc_t>(rows.inv_count, in.inv_temperature);
+  p.inv_t = static_cast<acc_t>(in.inv_temperature);
   p.vocab_start = rows.shard_vocab_start.value_or(0);
   p.shard = rows.shard_vocab_start.has_value();
   p.grad = grad_logit.mutable_data_ptr<scalar_t>();

@@ -34,6 +34,7 @@ struct RowsArgs {
   int64_t row_stride;
   int64_t n;
   int64_t rows;
+  at::opmath_type<scalar_t> inv_t;  // 1 / temperature: each logit is read as x * inv_t
 };
 
 // What a forward kernel writes for a row, from the row's complete statistics
@@ -52,6 +53,7 @@ struct LossFinish {
   acc_t* entropy;
   acc_t* policy;
   acc_t* entropy_weighted;
+  acc_t inv_t;  // 1 / temperature
 
   __device__ void operator()(int64_t r, const scalar_t* x, int64_t n, math::RowStats<acc_t> st) const {
     const auto res = math::finish_row(st);
@@ -61,7 +63,7 @@ struct LossFinish {
     // a sample of weight 0 (padding) may carry any action: neither checked nor read
     const bool ignored = w == acc_t(0);
     CUDA_KERNEL_ASSERT_MSG(in_range || ignored, "pg_error: action out of range: expected 0 <= action < N");
-    const acc_t x_a = in_range ? static_cast<acc_t>(x[a])
+    const acc_t x_a = in_range ? math::scaled_logit(static_cast<acc_t>(x[a]), inv_t)
         : ignored              ? acc_t(0)
                                : std::numeric_limits<acc_t>::quiet_NaN();
     lse[r] = math::saved_lse(st.m, res.log_s);
@@ -82,21 +84,23 @@ struct StatsFinish {
   acc_t* sum_exp;
   acc_t* shifted_sum;
   acc_t* action_logit;
+  acc_t inv_t;  // 1 / temperature
 
   __device__ void operator()(int64_t r, const scalar_t* x, int64_t n, math::RowStats<acc_t> st) const {
     const int64_t a = math::shard_column(action[r], vocab_start, n);
     max[r] = math::reported_max(st.m, st.s);
     sum_exp[r] = st.s;
     shifted_sum[r] = st.u;
-    action_logit[r] = a >= 0 ? static_cast<acc_t>(x[a]) : acc_t(0);
+    action_logit[r] = a >= 0 ? math::scaled_logit(static_cast<acc_t>(x[a]), inv_t) : acc_t(0);
   }
 };
 
 // Statistics of the logits of row x that belong to thread t of nt.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ math::RowStats<acc_t> thread_stats(const scalar_t* x, int64_t n, int64_t t, int64_t nt) {
+__device__ __forceinline__ math::RowStats<acc_t> thread_stats(
+    const scalar_t* x, int64_t n, int64_t t, int64_t nt, acc_t inv_t) {
   math::RowStats<acc_t> st = math::empty_stats<acc_t>();
-  for_each_logit<acc_t>(x, n, t, nt, [&](acc_t v) { math::online_update(st, v); });
+  for_each_logit<acc_t>(x, n, t, nt, [&](acc_t v) { math::online_update(st, math::scaled_logit(v, inv_t)); });
   return st;
 }
 
@@ -117,7 +121,7 @@ __global__ void __launch_bounds__(kShortRowThreads)
     const scalar_t* x = p.logit + (active ? r : 0) * p.row_stride;
     math::RowStats<acc_t> st = math::empty_stats<acc_t>();
     if (active) {
-      st = thread_stats<scalar_t, acc_t>(x, p.n, lane, group);
+      st = thread_stats<scalar_t, acc_t>(x, p.n, lane, group, p.inv_t);
     }
     st = group_combine(st, group);
     if (active && lane == 0) {
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const scalar_t* x = p.logit + r * p.row_stride;
-    math::RowStats<acc_t> st = thread_stats<scalar_t, acc_t>(x, p.n, threadIdx.x, blockDim.x);
+    math::RowStats<acc_t> st = thread_stats<scalar_t, acc_t>(x, p.n, threadIdx.x, blockDim.x, p.inv_t);
     st = group_combine(st, kWarpSize);
     if (lane == 0) {
       warp_stats[warp] = st;
@@ -171,6 +175,7 @@ void launch_rows(const RowInputs& in, const Finish& finish) {
   p.row_stride = in.logit.stride(0);
   p.n = in.n;
   p.rows = in.rows;
+  p.inv_t = static_cast<acc_t>(in.inv_temperature);
   constexpr int V = Pack<scalar_t>::kVec;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (p.n <= kShortRow) {
@@ -196,6 +201,7 @@ void forward_typed(const RowInputs& in, ForwardRows& out) {
   f.entropy = out.entropy.mutable_data_ptr<acc_t>();
   f.policy = out.policy.mutable_data_ptr<acc_t>();
   f.entropy_weighted = out.entropy_weighted.mutable_data_ptr<acc_t>();
+  f.inv_t = static_cast<acc_t>(in.inv_temperature);
   launch_rows<scalar_t, acc_t>(in, f);
 }
 
@@ -209,6 +215,7 @@ void row_stats_typed(const RowInputs& in, int64_t vocab_start, ShardRows& out) {
   f.sum_exp = out.sum_exp.mutable_data_ptr<acc_t>();
   f.shifted_sum = out.shifted_sum.mutable_data_ptr<acc_t>();
   f.action_logit = out.action_logit.mutable_data_ptr<acc_t>();
+  f.inv_t = static_cast<acc_t>(in.inv_temperature);
   launch_rows<scalar_t, acc_t>(in, f);
 }
 

@@ -231,6 +231,36 @@ void test_log_prob_entropy() {
   expect_throw<c10::IndexError>(
       [&] { pgext::log_prob_entropy(logit.detach(), action.clamp_min(0) + 9); }, "out of range",
       "log_prob_entropy: out-of-range action");
+
+  // The sampling temperature: the distribution of logit / T, the gradient
+  // with respect to logit (that of the composition), bad values refused.
+  const double T = 0.7;
+  auto x = logit.detach().clone().requires_grad_(true);
+  const auto hot = pgext::log_prob_entropy(x, action, {.ignore_index = -100, .temperature = T});
+  auto y = logit.detach().clone().requires_grad_(true);
+  const auto logp_t = torch::log_softmax(y / T, -1);
+  const auto want_lp_t = logp_t.gather(-1, action.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep;
+  const auto want_h_t = -(logp_t.exp() * logp_t).sum(-1) * keep;
+  check(torch::allclose(hot.log_prob, want_lp_t, 1e-5, 1e-5), "log_prob_entropy: log_prob at T = 0.7");
+  check(torch::allclose(hot.entropy, want_h_t, 1e-5, 1e-5), "log_prob_entropy: entropy at T = 0.7");
+  check(!torch::allclose(hot.entropy, out.entropy, 1e-3, 1e-3), "log_prob_entropy: the temperature applies");
+  (hot.log_prob.sum() - 0.5 * hot.entropy.sum()).backward();
+  (want_lp_t.sum() - 0.5 * want_h_t.sum()).backward();
+  check(torch::allclose(x.grad(), y.grad(), 1e-4, 1e-5), "log_prob_entropy: gradient at T = 0.7");
+  const auto loss_t = pgext::pg_error({logit.detach(), action.clamp_min(0), torch::ones({4, 6})},
+                                      {.reduction = pgext::Reduction::None, .temperature = T});
+  const auto plain_t = pgext::log_prob_entropy(logit.detach(), action.clamp_min(0), {.temperature = T});
+  check(torch::allclose(loss_t.policy_loss, -plain_t.log_prob, 1e-6, 1e-6) &&
+            torch::allclose(loss_t.entropy_loss, plain_t.entropy, 1e-6, 1e-6),
+        "pg_error: PgOptions::temperature");
+  for (const double bad : {0.0, -2.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
+    expect_throw<c10::ValueError>(
+        [&] { pgext::log_prob_entropy(logit.detach(), action, {.ignore_index = -100, .temperature = bad}); },
+        "log_prob_entropy: temperature must be a finite number > 0", "log_prob_entropy: bad temperature");
+    expect_throw<c10::ValueError>(
+        [&] { pgext::pg_error({logit.detach(), action.clamp_min(0), torch::ones({4, 6})}, {.temperature = bad}); },
+        "pg_error: temperature must be a finite number > 0", "pg_error: bad temperature");
+  }
 }
 
 // PPO and A2C against their formulas written out here with log_softmax, and

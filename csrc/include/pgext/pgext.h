@@ -62,6 +62,10 @@ struct PgOptions {
   // Differentiable.
   std::optional<at::Tensor> weight = std::nullopt;
   Reduction reduction = Reduction::Mean;
+  // Sampling temperature T (a finite number > 0): the losses of logit / T,
+  // divided as the kernels read each logit (no scaled copy); gradients are
+  // with respect to logit. c10::ValueError for any other value.
+  double temperature = 1.0;
 };
 
 // Policy-gradient loss and entropy of a categorical policy; differentiable
@@ -84,6 +88,10 @@ struct LogProbEntropyOptions {
   // Samples whose action equals it (LLM padding, -100 by convention) get
   // log_prob 0, entropy 0 and no gradient, and are not range-checked.
   std::optional<int64_t> ignore_index = std::nullopt;
+  // Sampling temperature T (a finite number > 0): log_prob and entropy of
+  // Categorical(logits=logit / T), without a scaled copy of the logits;
+  // gradients are with respect to logit. c10::ValueError for any other value.
+  double temperature = 1.0;
 };
 
 PGEXT_API LogProbEntropy log_prob_entropy(
