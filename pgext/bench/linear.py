@@ -9,9 +9,10 @@ layer against the two ways to do without it.
 
 Each step is forward + backward of ``sum(g1 * log_prob + g2 * entropy)``
 (lce: of its loss) with gradients to input and W. Each implementation runs
-in its own process, so that its peak memory is its own: the CUDA allocator's
-peak, or the peak RSS on the CPU, above what exists before the step, minus
-the two parameter gradients (input.grad, W.grad) the step allocates.
+in its own process, so that its peak memory is its own: that of the first
+step, the CUDA allocator's peak or the largest RSS on the CPU, above what
+exists before the step, minus the two parameter gradients (input.grad,
+W.grad) the step allocates. The times are of the steps after it.
 """
 from __future__ import annotations
 
@@ -71,6 +72,35 @@ def _rss_kib(field: str) -> Optional[int]:
     return None
 
 
+def _peak_rss(step) -> int:
+    """The largest RSS (bytes) while ``step()`` runs: VmHWM after a reset,
+    and a thread that samples the RSS every millisecond, whichever is larger
+    (the kernel updates VmHWM lazily; a tensor alive for a few milliseconds
+    is seen by the thread)."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    statm = open("/proc/self/statm", "rb", buffering=0)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            statm.seek(0)
+            peak[0] = max(peak[0], int(statm.read().split()[1]) * page)
+            done.wait(0.001)
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        step()
+    finally:
+        done.set()
+        thread.join()
+        statm.close()
+    return max(peak[0], _rss_kib("VmHWM") * 1024)
+
+
 def worker(cfg: dict) -> dict:
     """One implementation at one shape, in this process: times and peak."""
     import ctypes
@@ -100,14 +130,11 @@ def worker(cfg: dict) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    # --repeat 1 (sizes where a step takes minutes): a single step, timed
-    # cold, whose peak is reported; else a warm-up step first (lazy
-    # initialization, allocator caches), the peak step, then the timed ones.
+    # The peak is the first step's, in this fresh process: memory that an
+    # earlier step freed may stay with the process (allocator caches) and
+    # hide the growth. That step is also the warm-up of the timed ones; with
+    # --repeat 1 (sizes where a step takes minutes) it is the one timed, cold.
     cold = cfg["repeat"] == 1
-    if not cold:
-        step()
-        sync()
-    x.grad = w.grad = None
     gc.collect()
     t0 = time.perf_counter()
     if dev.type == "cuda":
@@ -117,10 +144,8 @@ def worker(cfg: dict) -> dict:
         sync()
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        base = _rss_kib("VmRSS")
-        step()
-        peak = (_rss_kib("VmHWM") - base) * 1024
+        base = _rss_kib("VmRSS") * 1024
+        peak = _peak_rss(step) - base
     times: List[float] = [time.perf_counter() - t0] if cold else []
     for _ in range(0 if cold else cfg["repeat"]):
         sync()
