@@ -35,7 +35,7 @@ from ._types import (a2c_data, a2c_loss, pg_data, pg_loss, ppo_data, ppo_info, p
 __all__ = ["pg_data", "pg_loss", "pg_error", "log_prob_entropy", "ppo_policy_error", "ppo_value_error", "ppo_error",
            "a2c_error", "ppo_policy_data", "ppo_data", "ppo_value_data", "ppo_policy_loss", "ppo_loss", "ppo_info",
            "a2c_data", "a2c_loss", "ActionOutOfRangeError", "build_mode", "reference", "cmake_prefix_path",
-           "__version__"]
+           "__version__", "linear_log_prob_entropy", "linear_pg_error"]
 
 
 def _load_extension():
@@ -64,6 +64,7 @@ _C, _BUILD_MODE = _load_extension()
 _C._set_action_error_type(ActionOutOfRangeError)
 
 from ._primitives import log_prob_entropy  # noqa: E402 - the ops are registered above
+from ._linear import linear_log_prob_entropy, linear_pg_error  # noqa: E402
 from .a2c import a2c_error  # noqa: E402
 from .ppo import ppo_error, ppo_policy_error, ppo_value_error  # noqa: E402
 _vmap.register()

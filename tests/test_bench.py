@@ -103,3 +103,18 @@ def test_bench_times_each_op(op, tmp_path):
     # the (64, 2) targets of ppo are evaluated; log_prob_entropy has none at these shapes
     records = mode["results"][0]["targets"]
     assert [t["status"] in ("PASS", "MISS") for t in records] == ([True] if op == "ppo" else [])
+
+
+def test_bench_linear_log_prob_entropy(tmp_path):
+    """--op linear_log_prob_entropy: fused, unfused and F.linear_cross_entropy,
+    each in its own process, time and peak memory, the issue's targets."""
+    out_json = tmp_path / "l.json"
+    res = run(["-m", "pgext.bench", "--op", "linear_log_prob_entropy", "--shapes", "16x300", "--hidden", "8",
+               "--repeat", "2", "--json", str(out_json)])
+    assert "### linear_log_prob_entropy: cpu, float32, H = 8" in res.stdout, res.stdout
+    data = json.loads(out_json.read_text())
+    assert [r["impl"] for r in data["results"]] == ["fused", "unfused", "lce"]
+    for r in data["results"]:
+        assert "error" not in r, r
+        assert r["median_ms"] > 0 and r["repeat"] == 2 and r["peak_bytes"] >= 0
+    assert "time(fused) <= 1.4 x time(unfused)" in res.stdout

@@ -367,7 +367,7 @@ def test_cpp_tests_against_pip_install(pip_site, scripted_module, tmp_path):
     _run([CMAKE, "--build", build, "-j", _jobs()])
     assert _ldd(build / "pgext_cpp_tests")["libpgext.so"] == str(pip_site / "pgext" / "lib" / "libpgext.so")
     out = _run(["ctest", "--test-dir", build, "--output-on-failure"], timeout=600)
-    assert "100% tests passed, 0 tests failed out of 8" in out, out[-3000:]
+    assert "100% tests passed, 0 tests failed out of 9" in out, out[-3000:]
 
 
 def _readme_section(title):
@@ -529,7 +529,7 @@ def test_cmake_package_and_cpp_tests(standalone_prefix, scripted_module):
     linked = [v for k, v in _ldd(build / "pgext_cpp_tests").items() if k.startswith("libpgext.so")]
     assert len(linked) == 1 and linked[0].startswith(f"{prefix / 'lib'}/"), linked
     out = _run(["ctest", "--test-dir", build, "--output-on-failure"], timeout=600)
-    assert "100% tests passed, 0 tests failed out of 8" in out, out[-3000:]
+    assert "100% tests passed, 0 tests failed out of 9" in out, out[-3000:]
 
 
 @pytest.mark.slow
@@ -546,7 +546,7 @@ def test_cpp_tests_under_address_and_undefined_sanitizers(scripted_module):
     env = dict(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     exe = build / "pgext_cpp_tests"
-    for group in ("values", "grads", "errors", "broadcast", "log_prob_entropy", "losses", "info"):
+    for group in ("values", "grads", "errors", "broadcast", "log_prob_entropy", "losses", "linear", "info"):
         out = _run([exe, group], timeout=600, **env)
         assert "AddressSanitizer" not in out and "runtime error" not in out, out[-4000:]
         assert re.search(r"^\d+ passed, 0 failed$", out, re.M), out[-2000:]

@@ -41,6 +41,11 @@ Times an op of pgext forward + backward (--op, default pg_error):
   ppo               ppo_policy_error(ppo_policy_data(logit_new, logit_old,
                     action, adv, None)), policy - 0.01 * entropy backpropagated;
                     reference: pgext.reference.ppo_policy_error (DI-engine's code)
+  linear_log_prob_entropy
+                    the output layer fused in (--shapes are tokens x V, --hidden H):
+                    fused, unfused (F.linear then log_prob_entropy) and PyTorch's
+                    chunked F.linear_cross_entropy, each in its own process:
+                    time and peak memory (pgext/bench/linear.py)
 for four implementations, per shape (rows x N):
   pgext       the compiled extension
   reference   the op's eager reference, as above
@@ -75,6 +80,7 @@ examples:
   python -m pgext.bench --device cuda --dtype bfloat16
   python -m pgext.bench --op log_prob_entropy --shapes 4096x1000,2048x32000,512x151936
   python -m pgext.bench --op ppo --shapes 64x2,256x18,4096x1000
+  python -m pgext.bench --op linear_log_prob_entropy --shapes 1024x151936 --hidden 896
 
 The full default run (6 shapes, both THP modes, with torch.compile) takes
 several minutes on a small CPU machine, mostly compiling and timing the
@@ -120,8 +126,15 @@ def parser() -> argparse.ArgumentParser:
         "--shapes", type=_shapes, default=list(DEFAULT_SHAPES), metavar="RxN[,RxN...]",
         help="comma-separated rows x N (default: %s)" % ",".join(f"{r}x{n}" for r, n in DEFAULT_SHAPES),
     )
-    p.add_argument("--op", choices=tuple(OPS), default="pg_error",
+    p.add_argument("--op", choices=tuple(OPS) + ("linear_log_prob_entropy",), default="pg_error",
                    help="what to time (default: pg_error); see the description")
+    p.add_argument("--hidden", type=_positive(int), default=896, metavar="H",
+                   help="linear_log_prob_entropy: the hidden size H (default: 896, Qwen2.5-0.5B's); "
+                        "--shapes are then tokens x V")
+    p.add_argument("--impls", default="fused,unfused,lce", metavar="I[,I...]",
+                   help="linear_log_prob_entropy: which of fused, unfused, lce to run (default: all)")
+    p.add_argument("--chunk-size", type=_positive(int), default=None, metavar="N",
+                   help="linear_log_prob_entropy: rows per chunk of the fused op (default: its own)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="logit/return_ dtype (default: float32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu, or cuda (timed with CUDA events; skipped with a message if there is no GPU)")
@@ -188,6 +201,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.worker_out:
         return _worker(args)
+    if args.op == "linear_log_prob_entropy":
+        from . import linear
+
+        return linear.main(args)
 
     import torch  # already loaded by the pgext package; only for the device check
 

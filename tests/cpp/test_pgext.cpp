@@ -263,6 +263,46 @@ void test_log_prob_entropy() {
   }
 }
 
+// The fused output layer against log_prob_entropy / pg_error on the logits
+// of torch::linear, with gradients of input, weight and bias, chunk by chunk.
+void test_linear() {
+  torch::manual_seed(15);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto x = torch::randn({3, 5, 8}, opts).requires_grad_(true);
+  auto w = torch::randn({11, 8}, opts).requires_grad_(true);
+  auto b = torch::randn({11}, opts).requires_grad_(true);
+  auto action = torch::randint(0, 11, {3, 5});
+  action.index_put_({0, 1}, -100);
+  const auto out = pgext::linear_log_prob_entropy(
+      x, w, action, {.linear_bias = b, .temperature = 0.7, .ignore_index = -100, .chunk_size = 4});
+  auto x2 = x.detach().clone().requires_grad_(true);
+  auto w2 = w.detach().clone().requires_grad_(true);
+  auto b2 = b.detach().clone().requires_grad_(true);
+  const auto want = pgext::log_prob_entropy(torch::linear(x2, w2, b2) / 0.7, action, {.ignore_index = -100});
+  check(torch::allclose(out.log_prob, want.log_prob, 1e-10, 1e-12), "linear: log_prob");
+  check(torch::allclose(out.entropy, want.entropy, 1e-10, 1e-12), "linear: entropy");
+  (out.log_prob.sum() - 0.3 * out.entropy.sum()).backward();
+  (want.log_prob.sum() - 0.3 * want.entropy.sum()).backward();
+  check(torch::allclose(x.grad(), x2.grad(), 1e-10, 1e-12), "linear: input gradient");
+  check(torch::allclose(w.grad(), w2.grad(), 1e-10, 1e-12), "linear: weight gradient");
+  check(torch::allclose(b.grad(), b2.grad(), 1e-10, 1e-12), "linear: bias gradient");
+  const auto a = action.clamp_min(0);
+  const auto ret = torch::randn({3, 5}, opts);
+  const auto loss = pgext::linear_pg_error(x.detach(), w.detach(), a, ret, {.reduction = pgext::Reduction::Sum});
+  const auto ref = pgext::pg_error({torch::linear(x.detach(), w.detach()), a, ret}, {.reduction = pgext::Reduction::Sum});
+  check_close(loss.policy_loss.item<double>(), ref.policy_loss.item<double>(), 1e-10, "linear_pg_error: policy");
+  check_close(loss.entropy_loss.item<double>(), ref.entropy_loss.item<double>(), 1e-10, "linear_pg_error: entropy");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::linear_log_prob_entropy(x.detach(), w.detach().narrow(1, 0, 7), a); }, "H = 7",
+      "linear: H mismatch");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::linear_log_prob_entropy(x.detach(), w.detach(), a, {.chunk_size = 0}); }, "chunk_size",
+      "linear: chunk_size 0");
+  expect_throw<c10::IndexError>(
+      [&] { pgext::linear_log_prob_entropy(x.detach(), w.detach(), a + 11); }, "out of range",
+      "linear: out-of-range action");
+}
+
 // PPO and A2C against their formulas written out here with log_softmax, and
 // gradients reaching the logits and the values.
 void test_losses() {
@@ -370,6 +410,7 @@ int main(int argc, char** argv) {
     if (group == "broadcast" || group == "all") test_broadcast();
     if (group == "log_prob_entropy" || group == "all") test_log_prob_entropy();
     if (group == "losses" || group == "all") test_losses();
+    if (group == "linear" || group == "all") test_linear();
     if (group == "info" || group == "all") test_info();
     if (group == "script") {
       if (argc < 3) {

@@ -203,3 +203,6 @@ PGEXT_API int64_t link_anchor() noexcept;
 }  // namespace detail
 
 }  // namespace pgext
+
+// The fused output layer: pgext::linear_log_prob_entropy, pgext::linear_pg_error.
+#include "linear.h"

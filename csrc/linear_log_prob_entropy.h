@@ -1,0 +1,87 @@
+#pragma once
+// The output layer fused into log_prob_entropy: logits = (input @ W.T + b) / T
+// are formed a chunk of rows at a time and never exist in full (issue 21).
+// Shared by the kernel ops (linear_log_prob_entropy_kernels.cpp), their Meta
+// kernels and checks (linear_log_prob_entropy_meta.cpp), the autograd of the
+// user op (linear_log_prob_entropy_autograd.cpp) and linear_pg_error.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pgext {
+
+// Rows per chunk when the caller gives none: the chunk's logits (rows x V in
+// the input's dtype) take about this many bytes. Backward holds two such
+// buffers (the logits and their gradient) plus the kernels' own.
+constexpr int64_t kLinearChunkBytes = int64_t{128} << 20;
+
+// The chunk size to use: `chunk_size`, else kLinearChunkBytes' worth of rows
+// of V classes in `dtype`; never more than `rows` (at least 1).
+int64_t linear_chunk_rows(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype);
+
+// TypeError / ValueError naming the offending shape, dtype, device or
+// option. Metadata only (sym sizes): the Meta kernels run it too.
+void check_linear_inputs(
+    const at::Tensor& input,
+    const at::Tensor& linear_weight,
+    const at::Tensor& action,
+    const std::optional<at::Tensor>& linear_bias,
+    double temperature,
+    std::optional<int64_t> chunk_size);
+
+// The extra inputs of the backward op: upstream gradients and saved per-row
+// statistics, all of action's shape.
+void check_linear_backward_inputs(
+    const at::Tensor& grad_log_prob,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    const at::Tensor& action);
+
+namespace ops {
+
+std::tuple<at::Tensor, at::Tensor> linear_log_prob_entropy(
+    const at::Tensor& input,
+    const at::Tensor& linear_weight,
+    const at::Tensor& action,
+    const std::optional<at::Tensor>& linear_bias,
+    double temperature,
+    std::optional<int64_t> ignore_index,
+    std::optional<int64_t> chunk_size);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_log_prob_entropy_forward(
+    const at::Tensor& input,
+    const at::Tensor& linear_weight,
+    const at::Tensor& action,
+    const std::optional<at::Tensor>& linear_bias,
+    double temperature,
+    std::optional<int64_t> ignore_index,
+    std::optional<int64_t> chunk_size);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_log_prob_entropy_backward(
+    const at::Tensor& grad_log_prob,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& input,
+    const at::Tensor& linear_weight,
+    const at::Tensor& action,
+    const std::optional<at::Tensor>& linear_bias,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double temperature,
+    std::optional<int64_t> ignore_index,
+    std::optional<int64_t> chunk_size);
+
+std::tuple<at::Tensor, at::Tensor> linear_pg_error(
+    const at::Tensor& input,
+    const at::Tensor& linear_weight,
+    const at::Tensor& action,
+    const at::Tensor& ret,
+    const std::optional<at::Tensor>& linear_bias,
+    const std::optional<at::Tensor>& weight,
+    c10::string_view reduction,
+    double temperature,
+    std::optional<int64_t> chunk_size);
+
+}  // namespace ops
+}  // namespace pgext
