@@ -271,8 +271,9 @@ class _ShardLinearLogProbEntropy(torch.autograd.Function):
             for lo in range(0, rows, chunk):
                 hi = min(lo + chunk, rows)
                 z = _logits(x[lo:hi], weight, bias, temperature)
+                # the chunk already holds logit / temperature
                 lse[lo:hi], entropy[lo:hi], log_prob[lo:hi] = _d._global_row_stats(
-                    z, action[lo:hi], vocab_start, group)
+                    z, action[lo:hi], vocab_start, group, 1.0)
                 del z  # before the next chunk's logits exist
         ctx.save_for_backward(x, weight, bias, action, keep, lse, entropy)
         ctx.vocab_start, ctx.temperature, ctx.chunk, ctx.group = vocab_start, temperature, chunk, group
