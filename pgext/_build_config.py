@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 #: The public headers: ``csrc/include/pgext/*.h`` is ``<pgext/*.h>``.
 PUBLIC_INCLUDE = CSRC / "include"
-PYTHON_MODULE_SOURCE = CSRC / "python_module.cpp"
+PYTHON_MODULE_SOURCE = CSRC / "python" / "module.cpp"
+#: The CUDA kernels (the row kernels' CUDA backend).
+CUDA_DIR = CSRC / "core" / "cuda"
 
 # Inside the installed package (paths relative to the ``pgext`` directory):
 #   lib/libpgext.so                  the library (SONAME libpgext.so)
@@ -61,7 +63,7 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def version() -> str:
-    text = (CSRC / "pg_version.h").read_text()
+    text = (CSRC / "core" / "version.h").read_text()
     return re.search(r'#define PGEXT_VERSION "([^"]+)"', text).group(1)
 
 
@@ -87,9 +89,22 @@ def isa_specific_last(paths: List[str]) -> List[str]:
 def cpu_sources() -> List[str]:
     """The C++ sources of libpgext (every one but the pybind11 module), the
     AVX2 / AVX-512 kernel files last (see isa_specific_last)."""
-    files = [f for f in sorted(CSRC.glob("*.cpp")) if f != PYTHON_MODULE_SOURCE]
-    files += sorted((CSRC / "cpu").glob("*.cpp"))
+    files = [f for f in sorted(CSRC.rglob("*.cpp"))
+             if f.parent != PYTHON_MODULE_SOURCE.parent and not f.is_relative_to(CUDA_DIR)]
+    _check_unique_stems(files + [Path(f) for f in _cuda_files()])
     return isa_specific_last([str(f) for f in files])
+
+
+def _check_unique_stems(files: List[Path]) -> None:
+    # torch.utils.cpp_extension.load (the JIT build) names each object after
+    # its source's file name alone, so two sources of one name in different
+    # folders would collide there: every source gets a name of its own.
+    seen = {}
+    for f in files:
+        if f.stem in seen:
+            raise RuntimeError(f"pgext sources {seen[f.stem]} and {f} share the name {f.stem!r}: "
+                               "the JIT build names objects by file name only; rename one")
+        seen[f.stem] = f
 
 
 def module_sources() -> List[str]:
@@ -107,10 +122,12 @@ def headers() -> List[str]:
     return [str(f) for f in sorted(CSRC.rglob("*")) if f.suffix in (".h", ".cuh")]
 
 
+def _cuda_files() -> List[Path]:
+    return sorted(CUDA_DIR.glob("*.cu")) + sorted(CUDA_DIR.glob("*.cpp"))
+
+
 def cuda_sources() -> List[str]:
-    return [str(f) for f in sorted((CSRC / "cuda").glob("*.cu"))] + [
-        str(f) for f in sorted((CSRC / "cuda").glob("*.cpp"))
-    ]
+    return [str(f) for f in _cuda_files()]
 
 
 def library_rpath(with_cuda: bool) -> str:

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import _check_call
+from .losses.policy_gradient import _check_call
 from ._distributed_linear import linear_log_prob_entropy
 from ._shard_check import build_header, check_headers
 from ._temperature import check_temperature
@@ -194,7 +194,7 @@ def _global_row_stats(logit, action, vocab_start: int, group, temperature: float
     _collective("the all-reduce (SUM) of the rescaled sums", dist.all_reduce, packed, dist.ReduceOp.SUM, group)
     total, shifted, x_action = packed.unbind(0)
     log_total = torch.log(total)
-    # the kernels' form (pg_math.h): log p(a) = (x_a - max) - log S, and the
+    # the kernels' form (row_math.h): log p(a) = (x_a - max) - log S, and the
     # lse saved for backward in float64, exact whatever the logits' magnitude
     log_prob = (x_action - row_max) - log_total
     lse = row_max.double() + log_total.double()

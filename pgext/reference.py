@@ -6,7 +6,7 @@ top of the per-sample terms the way pgext defines them); the PPO and A2C
 losses are DI-engine's (``ding.rl_utils``) with their log-probabilities and
 entropies from ``Categorical`` and PPO's clipped surrogate as DI-engine's
 eager ops (``eager_surrogate``; pgext computes it in one fused op). PPO's
-value loss, which has neither, is ``pgext.ppo``'s own; the tests check both
+value loss, which has neither, is ``pgext.losses.ppo``'s own; the tests check both
 on hand-computed cases.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def eager_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: tor
 
 
 def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
-    from .ppo import ppo_value_error
+    from .losses.ppo import ppo_value_error
 
     logit_new, logit_old, action, value_new, value_old, adv, return_, weight = data
     policy, info = ppo_policy_error((logit_new, logit_old, action, adv, weight), clip_ratio, dual_clip)

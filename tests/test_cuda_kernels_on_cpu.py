@@ -1,6 +1,6 @@
 """pgext's CUDA kernels, executed on the CPU.
 
-csrc/cuda/*.cu are compiled by the host compiler against tests/cuda_host
+csrc/core/cuda/*.cu are compiled by the host compiler against tests/cuda_host
 (CUDA's execution model on the host: every GPU thread a fiber, real barrier
 and shuffle semantics, deadlocks reported) and registered as the CPU kernels
 of the ops ``torch.ops.pgext_cuda_host.*``, which have pgext's kernel op
@@ -35,7 +35,7 @@ SEEDS = (1, 2, 3)
 # outputs): the GPU and CPU kernels sum in different orders, and outputs in a
 # half dtype may round to neighbouring values.
 RTOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# The CUDA kernels' launch configuration (csrc/cuda): short rows up to
+# The CUDA kernels' launch configuration (csrc/core/cuda): short rows up to
 # kShortRow, blocks of 256 threads for short rows and backward, 8 packs per
 # thread for long rows.
 SHORT_ROW = 1024

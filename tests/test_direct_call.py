@@ -34,7 +34,7 @@ def op_calls(monkeypatch):
         calls.append(args)
         return OP(*args)
 
-    monkeypatch.setattr(pgext, "_pg_error_op", counting_op)
+    monkeypatch.setattr(pgext.losses.policy_gradient, "_pg_error_op", counting_op)
     return calls
 
 

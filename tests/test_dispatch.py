@@ -410,7 +410,7 @@ def test_deterministic_across_thread_counts_in_every_kernel_build(tmp_path, capa
 def test_portable_code_never_reaches_avx_instructions():
     """Every inline function several kernel builds instantiate is linked once;
     the copy the portable code calls must not be an AVX2 / AVX-512 build
-    (pg_math.h's namespace per build; portable objects linked first)."""
+    (row_math.h's namespace per build; portable objects linked first)."""
     assert portable_code_reaching_avx(kernel_library()) == []
 
 

@@ -4,7 +4,7 @@ The CUDA forward gives each thread a strided share of a row
 (math::online_update per logit) and merges the threads' statistics with a
 butterfly of math::combine. The CPU kernels never call online_update, so the
 CPU tests do not cover it. tests/host/pg_math_lanes.cpp replays that split
-with csrc/pg_math.h compiled by the host compiler; these tests check its
+with csrc/core/row_math.h compiled by the host compiler; these tests check its
 log-sum-exp and entropy against float64, for masks, NaN and every way a row
 can fall among the threads. No GPU needed.
 """

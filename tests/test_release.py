@@ -7,7 +7,7 @@ install the wheel into a new virtual environment (torch from the package
 index) and run tests/installed/smoke_installed.py there, from a directory
 outside the checkout: import, values and gradients against the reference,
 pgext.distributed on Gloo, and the C++ consumer project through the installed
-pgext.cmake_prefix_path. The versions of csrc/pg_version.h, the sdist, the
+pgext.cmake_prefix_path. The versions of csrc/core/version.h, the sdist, the
 wheel and the installed package (Python, CMake) must agree.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 OUT = ROOT / "build" / "test-dist"
-VERSION = re.search(r'#define PGEXT_VERSION "([^"]+)"', (ROOT / "csrc" / "pg_version.h").read_text()).group(1)
+VERSION = re.search(r'#define PGEXT_VERSION "([^"]+)"', (ROOT / "csrc" / "core" / "version.h").read_text()).group(1)
 TORCH_MM = re.match(r"\d+\.\d+", torch.__version__).group(0)
 # the torch this checkout builds and tests with (the Makefile's TORCH_SPEC)
 TORCH_SPEC = "torch==" + torch.__version__.split("+")[0]

@@ -1,4 +1,4 @@
-"""torch.func.vmap over pgext: batching rules (pgext/_vmap.py) instead of
+"""torch.func.vmap over pgext: batching rules (pgext/ops/vmap.py) instead of
 PyTorch's per-entry fallback. Every vmapped result is compared with a Python
 loop over the batch entries, and any warning (the fallback's "performance
 drop") fails the test."""

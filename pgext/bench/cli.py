@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import List, Tuple
 

@@ -1,6 +1,6 @@
 """Builds pgext's CUDA kernels for the host (tests/cuda_host/cuda_host.h).
 
-The kernel files csrc/cuda/*.cu are compiled by the host compiler, unchanged
+The kernel files csrc/core/cuda/*.cu are compiled by the host compiler, unchanged
 but for a mechanical rewrite of their copies in the build directory:
 
 - ``kernel<<<grid, block, shmem, stream>>>(args)`` becomes
@@ -17,7 +17,7 @@ but for a mechanical rewrite of their copies in the build directory:
 
 c10/cuda's stream, guard and launch check come from tests/cuda_host/include.
 The test-only variant of the batch reduction that lacks its barrier between
-tree levels is derived from csrc/cuda/pg_cuda_reduce.cu the same way
+tree levels is derived from csrc/core/cuda/pg_cuda_reduce.cu the same way
 (``missing_barrier_variant``), in a namespace of its own.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-CUDA_DIR = CSRC / "cuda"
+CUDA_DIR = CSRC / "core" / "cuda"
 NAMESPACE = "pgext_cuda_host"
-#: pgext's kernel ops, registered in NAMESPACE by csrc/cuda/pg_cuda.cu (at least these).
+#: pgext's kernel ops, registered in NAMESPACE by csrc/core/cuda/pg_cuda.cu (at least these).
 KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_from_stats")
 
 # Comments and string literals: comments are blanked (newlines kept) before
@@ -164,7 +164,7 @@ def sources(build_dir: Path) -> list:
     files.append(_write_if_changed(src / "harness_ops.cpp", host_source(HERE / "harness_ops.cu")))
     files.append(str(HERE / "cuda_host.cpp"))
     # the host side shared with the CPU backend (checks, flattening)
-    files.append(str(CSRC / "pg_checks.cpp"))
+    files.append(str(CSRC / "core" / "checks.cpp"))
     return files
 
 

@@ -3,7 +3,7 @@
 // real one and the test-only variant without its tree barrier), and small
 // kernels that check the emulation itself: shuffle and vote semantics, and
 // that barriers or shuffles in divergent code and missing barriers are caught.
-// Written in CUDA, built through the same rewrite as csrc/cuda/*.cu.
+// Written in CUDA, built through the same rewrite as csrc/core/cuda/*.cu.
 #include "pg_cuda.h"
 
 #include <ATen/ops/empty.h>

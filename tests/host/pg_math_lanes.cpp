@@ -1,6 +1,6 @@
 // Replays, on the host, how the CUDA forward splits a row among threads
-// (csrc/cuda/pg_cuda_rows.cuh: for_each_logit, group_combine) with the
-// per-row math the kernels call (csrc/pg_math.h), so that the GPU's math is
+// (csrc/core/cuda/pg_cuda_rows.cuh: for_each_logit, group_combine) with the
+// per-row math the kernels call (csrc/core/row_math.h), so that the GPU's math is
 // tested on machines without a GPU. Driven by tests/test_math_host.py.
 //
 // Input, one row per line:
@@ -10,7 +10,7 @@
 // order). vec is the elements per 16-byte pack, head the elements before the
 // row's first 16-byte boundary. Values are anything strtod reads (nan, -inf,
 // hexadecimal floats). Output, one line per row: "<lse> <entropy>" in %a.
-#include "pg_math.h"
+#include "core/row_math.h"
 
 #include <cstdint>
 #include <cstdio>

@@ -7,7 +7,7 @@ consumer project, which the driver copies next to this file (``cpp/``).
 Its file name keeps the checkout's own suite from collecting it.
 
 Environment, set by the driver:
-    PGEXT_SMOKE_VERSION   the version of csrc/pg_version.h
+    PGEXT_SMOKE_VERSION   the version of csrc/core/version.h
     PGEXT_SMOKE_CUDA      1 when the wheel holds the CUDA kernels, else 0
     PGEXT_SMOKE_CHECKOUT  the checkout, which pgext must not be imported from
 """

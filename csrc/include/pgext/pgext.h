@@ -51,7 +51,7 @@ struct PgLoss {
 };
 
 // How the per-sample terms are reduced. The values are those of the library's
-// internal enum (csrc/pg_checks.h); keep the two definitions token-identical.
+// internal enum (csrc/core/checks.h); keep the two definitions token-identical.
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
 // Options of pg_error. An aggregate, so C++20 designated initializers read

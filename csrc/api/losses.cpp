@@ -1,0 +1,98 @@
+// DI-engine's PPO and A2C losses for C++ callers (include/pgext/pgext.h), the
+// twins of pgext/losses/ppo.py and pgext/losses/a2c.py: log_prob_entropy (or pg_error) for
+// the categorical part, then a few ATen ops, so autograd covers them.
+#include "core/ops.h"
+#include "include/pgext/pgext.h"
+#include "ops/ppo_surrogate/ppo_surrogate.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+namespace pgext {
+namespace {
+
+void check_dual_clip(const PpoOptions& options) {
+  TORCH_CHECK_VALUE(
+      !options.dual_clip.has_value() || *options.dual_clip > 1.0,
+      "pgext::ppo: dual_clip must be greater than 1.0 (or unset), got ", options.dual_clip.value_or(0.0));
+}
+
+// The old policy's log-probabilities, without gradient: logit_old itself when
+// it has action's shape (stored log-probabilities), else from old logits.
+at::Tensor old_log_prob(const at::Tensor& logit_old, const at::Tensor& action) {
+  if (logit_old.dim() == action.dim()) {
+    TORCH_CHECK_VALUE(
+        logit_old.sizes() == action.sizes(), "pgext::ppo: old log-probabilities must have the actions' shape ",
+        action.sizes(), ", got ", logit_old.sizes());
+    return logit_old.detach();
+  }
+  const c10::AutoGradMode no_grad(false);
+  return std::get<0>(ops::log_prob_entropy(logit_old, action, std::nullopt));
+}
+
+at::Tensor weight_or_ones(const std::optional<at::Tensor>& weight, const at::Tensor& like) {
+  return weight.has_value() && weight->defined() ? *weight : at::ones_like(like);
+}
+
+}  // namespace
+
+std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, const PpoOptions& options) {
+  check_dual_clip(options);
+  TORCH_CHECK_VALUE(
+      data.logit_new.defined() && data.logit_old.defined() && data.action.defined() && data.adv.defined(),
+      "pgext::ppo_policy_error: logit_new, logit_old, action and adv must be tensors");
+  const auto [logp_new, entropy] = ops::log_prob_entropy(data.logit_new, data.action, std::nullopt);
+  const at::Tensor logp_old = old_log_prob(data.logit_old, data.action);
+  const at::Tensor w = data.weight.has_value() && data.weight->defined() ? *data.weight : at::Tensor();
+  at::Tensor policy_loss, entropy_loss, approx_kl, clipfrac;
+  if (logp_new.sizes() == data.adv.sizes() && (!w.defined() || w.sizes() == data.adv.sizes())) {
+    // a non-floating weight (a mask) as eager multiplication would promote it
+    const std::optional<at::Tensor> weight =
+        w.defined() ? std::optional<at::Tensor>(at::isFloatingType(w.scalar_type()) ? w : w.to(data.adv.scalar_type()))
+                    : std::nullopt;
+    std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) = ops::ppo_surrogate(
+        logp_new, logp_old, entropy, data.adv, weight, options.clip_ratio, options.dual_clip);
+  } else {  // several agents sharing one advantage: ratio and entropy averaged over them
+    std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) =
+        ppo_surrogate_eager(logp_new, logp_old, entropy, data.adv, w, options.clip_ratio, options.dual_clip);
+  }
+  PpoInfo info{approx_kl, clipfrac};
+  return {PpoPolicyLoss{policy_loss, entropy_loss}, info};
+}
+
+std::pair<PpoLoss, PpoInfo> ppo_error(const PpoData& data, const PpoOptions& options) {
+  check_dual_clip(options);
+  auto [policy, info] = ppo_policy_error(
+      PpoPolicyData{data.logit_new, data.logit_old, data.action, data.adv, data.weight}, options);
+  TORCH_CHECK_VALUE(
+      data.value_new.defined() && data.value_old.defined() && data.return_.defined(),
+      "pgext::ppo_error: value_new, value_old and return_ must be tensors");
+  const at::Tensor weight = weight_or_ones(data.weight, data.value_old);
+  const at::Tensor& ret = data.return_;
+  at::Tensor value_loss;
+  if (options.use_value_clip) {
+    const double clip = options.clip_ratio;
+    const at::Tensor value_clip = data.value_old + (data.value_new - data.value_old).clamp(-clip, clip);
+    value_loss = 0.5 * (at::max((ret - data.value_new).pow(2), (ret - value_clip).pow(2)) * weight).mean();
+  } else {
+    value_loss = 0.5 * ((ret - data.value_new).pow(2) * weight).mean();
+  }
+  return {PpoLoss{policy.policy_loss, value_loss, policy.entropy_loss}, info};
+}
+
+A2cLoss a2c_error(const A2cData& data) {
+  TORCH_CHECK_VALUE(
+      data.logit.defined() && data.action.defined() && data.value.defined() && data.adv.defined() &&
+          data.return_.defined(),
+      "pgext::a2c_error: logit, action, value, adv and return_ must be tensors");
+  // A2C's policy and entropy losses are pg_error's with the advantage as the return
+  const std::optional<at::Tensor> weight =
+      data.weight.has_value() && data.weight->defined() ? data.weight : std::nullopt;
+  auto [policy_loss, entropy_loss] = ops::pg_error(data.logit, data.action, data.adv, weight, "mean");
+  const at::Tensor squared = (data.return_ - data.value).pow(2);
+  const at::Tensor value_loss = weight.has_value() ? (squared * *weight).mean() : squared.mean();
+  return {policy_loss, value_loss, entropy_loss};
+}
+
+}  // namespace pgext

@@ -1,0 +1,117 @@
+"""The output layer fused in: ``linear_log_prob_entropy`` and ``linear_pg_error``.
+
+Both run the dispatcher ops ``torch.ops.pgext.linear_*`` (C++ chunk loops,
+C++ autograd, Meta kernels): the ``(tokens, V)`` logits of
+``input @ linear_weight.T + linear_bias`` are formed a chunk of rows at a time
+and never exist in full, forward or backward (docs/fused-head.md).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Optional, Tuple
+
+import torch
+
+from .._types import pg_loss
+
+__all__ = ["linear_log_prob_entropy", "linear_pg_error"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_tensors(op, **tensors):
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_options(op, temperature, chunk_size):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{op}: temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool):
+            raise TypeError(f"{op}: chunk_size must be an int or None, got bool")
+        try:
+            chunk_size = operator.index(chunk_size)
+        except TypeError:
+            raise TypeError(f"{op}: chunk_size must be an int or None, got {type(chunk_size).__name__}") from None
+        if chunk_size <= 0:
+            raise ValueError(f"{op}: chunk_size must be > 0 (or None), got {chunk_size}")
+    return temperature, chunk_size
+
+
+def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, action: torch.Tensor, *,
+                            linear_bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                            ignore_index: Optional[int] = None,
+                            chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``pgext.log_prob_entropy(F.linear(input, linear_weight, linear_bias) / temperature, action)``
+    without the logits.
+
+    Args:
+        input: ``(..., H)`` hidden states, float16, bfloat16, float32 or float64.
+        linear_weight: ``(V, H)`` output layer of input's dtype and device.
+        action: integer actions of shape ``input.shape[:-1]``.
+        linear_bias: optional ``(V,)`` bias.
+        temperature: divides the logits (finite, > 0); folded into the GEMMs.
+        ignore_index: samples whose action equals it get log_prob 0, entropy
+            0 and no gradient, and are not range-checked.
+        chunk_size: rows of logits formed at a time; ``None``: as many as
+            fit in about 128 MiB (``128 MiB / (V * itemsize)``).
+
+    Returns:
+        ``(log_prob, entropy)`` of the actions' shape, float32 (float64 for
+        float64 input), differentiable with respect to input, linear_weight
+        and linear_bias for any upstream gradients of either (double backward
+        too, through an unfused per-chunk formula).
+
+    Raises:
+        ActionOutOfRangeError: an action outside ``[0, V)`` that is not
+            ``ignore_index`` (on CUDA: a device-side assert).
+    """
+    op = "linear_log_prob_entropy"
+    _check_tensors(op, input=input, linear_weight=linear_weight, action=action, linear_bias=linear_bias)
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("action", action)):
+        if t is None:
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got NoneType")
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool):
+            raise TypeError(f"{op}: ignore_index must be an int or None, got bool")
+        try:
+            ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(f"{op}: ignore_index must be an int or None, got {type(ignore_index).__name__}") from None
+    temperature, chunk_size = _check_options(op, temperature, chunk_size)
+    return torch.ops.pgext.linear_log_prob_entropy(input, linear_weight, action, linear_bias, temperature,
+                                                   ignore_index, chunk_size)
+
+
+def linear_pg_error(input: torch.Tensor, linear_weight: torch.Tensor, action: torch.Tensor, return_: torch.Tensor,
+                    *, linear_bias: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                    reduction: str = "mean", temperature: float = 1.0, chunk_size: Optional[int] = None) -> pg_loss:
+    """``pgext.pg_error(pg_data(F.linear(input, linear_weight, linear_bias) / temperature, action, return_))``
+    without the logits.
+
+    ``policy_loss = -(return_ * log_prob) * weight`` and ``entropy_loss =
+    entropy * weight``, reduced by ``reduction`` ('mean' over samples, 'sum'
+    or 'none'). return_ and weight have the actions' shape or broadcast to it
+    without changing it, and get gradients. Unlike ``pg_error``, samples of
+    weight 0 are range-checked like any other. Other arguments as
+    :func:`linear_log_prob_entropy`.
+    """
+    op = "linear_pg_error"
+    _check_tensors(op, input=input, linear_weight=linear_weight, action=action, return_=return_,
+                   linear_bias=linear_bias, weight=weight)
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("action", action), ("return_", return_)):
+        if t is None:
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got NoneType")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    temperature, chunk_size = _check_options(op, temperature, chunk_size)
+    policy_loss, entropy_loss = torch.ops.pgext.linear_pg_error(
+        input, linear_weight, action, return_, linear_bias, weight, reduction, temperature, chunk_size)
+    return pg_loss(policy_loss, entropy_loss)
