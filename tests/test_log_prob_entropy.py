@@ -60,7 +60,7 @@ def test_ignore_index():
     # other out-of-range actions are still refused
     bad = padded.clone()
     bad[1, 1] = 11
-    with pytest.raises(pgext.ActionOutOfRangeError, match=r"action 11"):
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"log_prob_entropy: action 11"):
         pgext.log_prob_entropy(logit, bad, ignore_index=-100)
 
 
@@ -76,8 +76,12 @@ def test_bad_arguments():
         pgext.log_prob_entropy(logit, action[:2])
     with pytest.raises(TypeError, match="integer class indices"):
         pgext.log_prob_entropy(logit, action.float())
-    with pytest.raises(pgext.ActionOutOfRangeError):
+    # the range check runs in pg_error's kernel; the message names the op called
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"log_prob_entropy: action \d+ \(sample 0\)"):
         pgext.log_prob_entropy(logit, action + 4)
+    # and pg_error's own, also after log_prob_entropy raised inside it
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"pg_error: action \d+ \(sample 0\)"):
+        torch.ops.pgext.pg_error(logit, action + 4, torch.ones(3), None, "none")
 
 
 def test_saves_at_most_16_bytes_per_sample():
