@@ -428,3 +428,28 @@ def portable_code_reaching_avx(library) -> list:
         found += [f"{name} -> {callee}" for callee in sorted(f["calls"])
                   if callee in functions and functions[callee]["avx"] and not AVX_NAMESPACE.search(callee)]
     return sorted(found)
+
+
+def categorical_inputs(shape, n, dtype, seed=0, mask=False, scale=2.0):
+    """Logits of shape (*shape, n), randn * scale drawn in float64 so every
+    dtype sees the same values, and actions; with mask, about 30% of the logits
+    -inf, never the taken action's."""
+    g = torch.Generator().manual_seed(seed)
+    logit = torch.randn(*shape, n, generator=g, dtype=torch.float64) * scale
+    action = torch.randint(0, n, shape, generator=g)
+    if mask:
+        m = torch.rand(*shape, n, generator=g) < 0.3
+        m.scatter_(-1, action.unsqueeze(-1), False)
+        logit = logit.masked_fill(m, float("-inf"))
+    return logit.to(dtype), action
+
+
+def run_with_upstream(fn, logit, action, ups, **kw):
+    """fn(logit, action, **kw)'s outputs and the logits' gradient for the
+    upstream gradients ups, one per output; a None leaves that output out of
+    the backward (its gradient not needed)."""
+    x = logit.detach().clone().requires_grad_()
+    out = fn(x, action, **kw)
+    pairs = [(o, u) for o, u in zip(out, ups) if u is not None]
+    grad, = torch.autograd.grad([o for o, _ in pairs], [x], [u.to(o.dtype) for o, u in pairs])
+    return [o.detach() for o in out], grad

@@ -5,29 +5,10 @@ import pytest
 import torch
 
 import pgext
-from conftest import dtype_id, finite_mask
+from conftest import categorical_inputs, dtype_id, finite_mask, run_with_upstream
 
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-
-
-def _inputs(shape, n, dtype, seed=0, mask=False):
-    g = torch.Generator().manual_seed(seed)
-    logit = torch.randn(*shape, n, generator=g, dtype=torch.float64) * 2
-    action = torch.randint(0, n, shape, generator=g)
-    if mask:
-        m = torch.rand(*shape, n, generator=g) < 0.3
-        m.scatter_(-1, action.unsqueeze(-1), False)
-        logit = logit.masked_fill(m, float("-inf"))
-    return logit.to(dtype), action
-
-
-def _run(fn, logit, action, ups, **kw):
-    x = logit.detach().clone().requires_grad_()
-    out = fn(x, action, **kw)
-    pairs = [(o, u) for o, u in zip(out, ups) if u is not None]
-    grad, = torch.autograd.grad([o for o, _ in pairs], [x], [u.to(o.dtype) for o, u in pairs])
-    return [o.detach() for o in out], grad
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
@@ -37,14 +18,14 @@ def test_matches_categorical(dtype, shape, n, which):
     """Values (float32 for half types, float64 for float64) and the logits'
     gradient for independent per-sample upstream gradients of either output,
     or one alone (the other's gradient None)."""
-    logit, action = _inputs(shape, n, dtype, seed=n, mask=n > 2)
+    logit, action = categorical_inputs(shape, n, dtype, seed=n, mask=n > 2)
     g = torch.Generator().manual_seed(1)
     ups = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2)]
     if which != "both":
         ups[0 if which == "entropy" else 1] = None
-    got, grad = _run(pgext.log_prob_entropy, logit, action, ups)
+    got, grad = run_with_upstream(pgext.log_prob_entropy, logit, action, ups)
     # (-inf masks as a finite value far below the row: Categorical's own trick overflows to NaN gradients)
-    want, want_grad = _run(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, ups)
+    want, want_grad = run_with_upstream(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, ups)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for a, e in zip(got, want):
         assert a.dtype == acc and a.shape == action.shape
@@ -57,20 +38,20 @@ def test_matches_categorical(dtype, shape, n, which):
 def test_ignore_index():
     """Padding: log_prob and entropy exactly 0, gradient rows exactly 0, and
     the ignored value is never range-checked; the other samples are unchanged."""
-    logit, action = _inputs((4, 6), 11, torch.float32, seed=3)
+    logit, action = categorical_inputs((4, 6), 11, torch.float32, seed=3)
     padded = action.clone()
     padded[0, 2] = padded[3, 5] = -100
     g = torch.Generator().manual_seed(2)
     ups = [torch.randn(4, 6, generator=g) for _ in range(2)]
-    got, grad = _run(pgext.log_prob_entropy, logit, padded, ups, ignore_index=-100)
-    full, full_grad = _run(pgext.log_prob_entropy, logit, action, ups)
+    got, grad = run_with_upstream(pgext.log_prob_entropy, logit, padded, ups, ignore_index=-100)
+    full, full_grad = run_with_upstream(pgext.log_prob_entropy, logit, action, ups)
     keep = padded != -100
     for a, e in zip(got, full):
         assert torch.equal(a[keep], e[keep])
         assert torch.all(a[~keep] == 0) and not torch.signbit(a[~keep]).any()
     assert torch.equal(grad[keep], full_grad[keep])
     assert torch.all(grad[~keep] == 0)
-    want, want_grad = _run(pgext.reference.log_prob_entropy, logit.double(), padded, ups, ignore_index=-100)
+    want, want_grad = run_with_upstream(pgext.reference.log_prob_entropy, logit.double(), padded, ups, ignore_index=-100)
     torch.testing.assert_close(got[0].double(), want[0], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(grad.double(), want_grad, rtol=2e-5, atol=2e-5)
     # an ignore_index inside [0, N) ignores that class's samples
@@ -79,12 +60,12 @@ def test_ignore_index():
     # other out-of-range actions are still refused
     bad = padded.clone()
     bad[1, 1] = 11
-    with pytest.raises(pgext.ActionOutOfRangeError, match=r"action 11"):
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"log_prob_entropy: action 11"):
         pgext.log_prob_entropy(logit, bad, ignore_index=-100)
 
 
 def test_bad_arguments():
-    logit, action = _inputs((3,), 4, torch.float32)
+    logit, action = categorical_inputs((3,), 4, torch.float32)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         pgext.log_prob_entropy(logit, action, ignore_index=1.5)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
@@ -95,14 +76,18 @@ def test_bad_arguments():
         pgext.log_prob_entropy(logit, action[:2])
     with pytest.raises(TypeError, match="integer class indices"):
         pgext.log_prob_entropy(logit, action.float())
-    with pytest.raises(pgext.ActionOutOfRangeError):
+    # the range check runs in pg_error's kernel; the message names the op called
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"log_prob_entropy: action \d+ \(sample 0\)"):
         pgext.log_prob_entropy(logit, action + 4)
+    # and pg_error's own, also after log_prob_entropy raised inside it
+    with pytest.raises(pgext.ActionOutOfRangeError, match=r"pg_error: action \d+ \(sample 0\)"):
+        torch.ops.pgext.pg_error(logit, action + 4, torch.ones(3), None, "none")
 
 
 def test_saves_at_most_16_bytes_per_sample():
     """Besides its inputs, autograd keeps pg_error's float64 lse and float32
     entropy (12 bytes a sample), and with ignore_index the bool mask (13)."""
-    logit, action = _inputs((256,), 1000, torch.float32)
+    logit, action = categorical_inputs((256,), 1000, torch.float32)
     padded = action.clone()
     padded[::7] = -100
     for kw, limit in (({}, 12), ({"ignore_index": -100}, 13)):
@@ -124,7 +109,7 @@ def test_saves_at_most_16_bytes_per_sample():
 
 
 def test_opcheck_and_gradcheck():
-    logit, action = _inputs((3, 4), 6, torch.float64, seed=5)
+    logit, action = categorical_inputs((3, 4), 6, torch.float64, seed=5)
     padded = action.clone()
     padded[1, 2] = -1
     torch.library.opcheck(torch.ops.pgext.log_prob_entropy.default, (logit.float(), action, None))
@@ -136,7 +121,7 @@ def test_opcheck_and_gradcheck():
 
 
 def test_compile_and_vmap():
-    logit, action = _inputs((8, 5), 7, torch.float32, seed=6)
+    logit, action = categorical_inputs((8, 5), 7, torch.float32, seed=6)
 
     def loss(x):
         log_prob, entropy = pgext.log_prob_entropy(x, action, ignore_index=-100)
@@ -158,7 +143,7 @@ def test_compile_and_vmap():
 
 def test_large_vocabulary_bfloat16_tokens():
     """Token-level shape: (2, 33) bfloat16 logits over 32000 classes with padding."""
-    logit, action = _inputs((2, 33), 32000, torch.bfloat16, seed=8)
+    logit, action = categorical_inputs((2, 33), 32000, torch.bfloat16, seed=8)
     action[1, 20:] = -100
     log_prob, entropy = pgext.log_prob_entropy(logit, action, ignore_index=-100)
     want = pgext.reference.log_prob_entropy(logit.double(), action, ignore_index=-100)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pgext
-from conftest import dtype_id, finite_mask
+from conftest import categorical_inputs, dtype_id, finite_mask, run_with_upstream
 
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TEMPERATURES = [0.3, 0.7, 1.0, 2.5]
@@ -21,24 +21,6 @@ TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 5e-5, torch.fl
 SIZES = [((64,), 2), ((3, 5), 18), ((2, 2, 3), 37), ((7,), 1000), ((3,), 9000)]
 
 
-def _inputs(shape, n, dtype, seed=0, mask=False):
-    g = torch.Generator().manual_seed(seed)
-    logit = torch.randn(*shape, n, generator=g, dtype=torch.float64) * 3
-    action = torch.randint(0, n, shape, generator=g)
-    if mask:
-        m = torch.rand(*shape, n, generator=g) < 0.3
-        m.scatter_(-1, action.unsqueeze(-1), False)
-        logit = logit.masked_fill(m, float("-inf"))
-    return logit.to(dtype), action
-
-
-def _run(fn, logit, action, ups, **kw):
-    x = logit.detach().clone().requires_grad_()
-    out = fn(x, action, **kw)
-    grad, = torch.autograd.grad(out, [x], [u.to(o.dtype) for o, u in zip(out, ups)])
-    return [o.detach() for o in out], grad
-
-
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 @pytest.mark.parametrize("shape,n", SIZES, ids=str)
@@ -46,12 +28,12 @@ def test_matches_categorical_of_scaled_logits(dtype, shape, n, temperature):
     """log_prob, entropy and the logits' gradient (independent upstream
     gradients of both) against Categorical(logits=logit.double() / T), with
     -inf masks; the logits are not modified."""
-    logit, action = _inputs(shape, n, dtype, seed=n, mask=n > 2)
+    logit, action = categorical_inputs(shape, n, dtype, seed=n, mask=n > 2, scale=3)
     before = logit.clone()
     g = torch.Generator().manual_seed(1)
     ups = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2)]
-    got, grad = _run(pgext.log_prob_entropy, logit, action, ups, temperature=temperature)
-    want, want_grad = _run(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, ups,
+    got, grad = run_with_upstream(pgext.log_prob_entropy, logit, action, ups, temperature=temperature)
+    want, want_grad = run_with_upstream(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, ups,
                            temperature=temperature)
     assert torch.equal(logit, before)
     for a, e in zip(got, want):
@@ -68,10 +50,10 @@ def test_matches_categorical_of_scaled_logits(dtype, shape, n, temperature):
 def test_temperature_one_is_bitwise_the_default(dtype, shape, n):
     """temperature=1.0 runs the same arithmetic as no temperature: the same
     bits forward, backward and for the distributed pieces."""
-    logit, action = _inputs(shape, n, dtype, seed=n + 1, mask=n > 2)
+    logit, action = categorical_inputs(shape, n, dtype, seed=n + 1, mask=n > 2, scale=3)
     ups = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
-    a, ga = _run(torch.ops.pgext.log_prob_entropy, logit, action, ups)
-    b, gb = _run(torch.ops.pgext.log_prob_entropy, logit, action, ups, temperature=1.0)
+    a, ga = run_with_upstream(torch.ops.pgext.log_prob_entropy, logit, action, ups)
+    b, gb = run_with_upstream(torch.ops.pgext.log_prob_entropy, logit, action, ups, temperature=1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(ga, gb)
     flat, act = logit.reshape(-1, n), action.reshape(-1)
     assert all(torch.equal(x, y) for x, y in zip(torch.ops.pgext.pg_row_stats(flat, act, 0),
@@ -83,7 +65,7 @@ def test_same_as_a_float_copy_divided_by_t(dtype):
     """The kernels read x * (1 / T): as close to pg_error of a float32 copy
     logit / T as rounding allows, also at large logits (3e4)."""
     for n, offset in ((18, 0.0), (5000, 3e4)):
-        logit, action = _inputs((33,), n, dtype, seed=n)
+        logit, action = categorical_inputs((33,), n, dtype, seed=n, scale=3)
         logit = (logit.float() + offset).to(dtype)
         got = pgext.log_prob_entropy(logit, action, temperature=0.7)
         want = pgext.log_prob_entropy(logit.float() / 0.7, action)
@@ -95,7 +77,7 @@ def test_same_as_a_float_copy_divided_by_t(dtype):
 def test_ignore_index_and_pg_error(temperature):
     """ignore_index with a temperature (ignored samples exactly 0, no
     gradient), and pg_error's reductions and weight at the same temperature."""
-    logit, action = _inputs((4, 6), 11, torch.float32, seed=3)
+    logit, action = categorical_inputs((4, 6), 11, torch.float32, seed=3, scale=3)
     action[1, 2:] = -100
     x = logit.clone().requires_grad_()
     lp, ent = pgext.log_prob_entropy(x, action, temperature=temperature, ignore_index=-100)
@@ -119,7 +101,7 @@ def test_ignore_index_and_pg_error(temperature):
 def test_gradcheck_gradgradcheck_forward_mode(temperature):
     """float64: first and second order (the composite formulas on logit / T),
     forward mode, through log_prob_entropy and pg_error with weights."""
-    logit, action = _inputs((3, 4), 6, torch.float64, seed=5)
+    logit, action = categorical_inputs((3, 4), 6, torch.float64, seed=5, scale=3)
     padded = action.clone()
     padded[1, 2] = -1
     x = logit.clone().requires_grad_()
@@ -151,7 +133,7 @@ def test_gradcheck_gradgradcheck_forward_mode(temperature):
 
 
 def test_opcheck_compile_vmap_compiled_autograd():
-    logit, action = _inputs((8, 5), 7, torch.float32, seed=6)
+    logit, action = categorical_inputs((8, 5), 7, torch.float32, seed=6, scale=3)
     torch.library.opcheck(torch.ops.pgext.log_prob_entropy.default, (logit, action, None, 0.7))
     torch.library.opcheck(torch.ops.pgext.pg_error.default,
                           (logit.requires_grad_(), action, torch.randn(8, 5), None, "sum", 2.5))
@@ -187,7 +169,7 @@ def test_opcheck_compile_vmap_compiled_autograd():
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, -math.inf, math.nan])
 def test_bad_temperature_is_a_value_error(bad):
-    logit, action = _inputs((3,), 4, torch.float32)
+    logit, action = categorical_inputs((3,), 4, torch.float32, scale=3)
     ret = torch.ones(3)
     with pytest.raises(ValueError, match=r"log_prob_entropy: temperature must be a finite number > 0, got"):
         pgext.log_prob_entropy(logit, action, temperature=bad)
@@ -208,7 +190,7 @@ def test_bad_temperature_is_a_value_error(bad):
 
 @pytest.mark.parametrize("bad", [True, "1.0", None, torch.tensor(1.0), [1.0]], ids=repr)
 def test_non_number_temperature_is_a_type_error(bad):
-    logit, action = _inputs((3,), 4, torch.float32)
+    logit, action = categorical_inputs((3,), 4, torch.float32, scale=3)
     with pytest.raises(TypeError, match="log_prob_entropy: temperature must be a float"):
         pgext.log_prob_entropy(logit, action, temperature=bad)
     with pytest.raises(TypeError, match="pg_error: temperature must be a float"):
@@ -216,7 +198,7 @@ def test_non_number_temperature_is_a_type_error(bad):
 
 
 def test_integers_are_temperatures():
-    logit, action = _inputs((5,), 9, torch.float64)
+    logit, action = categorical_inputs((5,), 9, torch.float64, scale=3)
     a = pgext.log_prob_entropy(logit, action, temperature=2)
     b = pgext.log_prob_entropy(logit, action, temperature=2.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -225,7 +207,7 @@ def test_integers_are_temperatures():
 def test_log_prob_entropy_errors_name_it():
     """Checks of log_prob_entropy's inputs name log_prob_entropy, not the
     pg_error it is built on."""
-    logit, action = _inputs((3,), 4, torch.float32)
+    logit, action = categorical_inputs((3,), 4, torch.float32, scale=3)
     with pytest.raises(ValueError, match="^log_prob_entropy: action must have shape"):
         pgext.log_prob_entropy(logit, action[:2])
     with pytest.raises(TypeError, match="^log_prob_entropy: action must hold integer class indices"):

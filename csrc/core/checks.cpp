@@ -12,6 +12,22 @@
 
 namespace pgext {
 
+namespace {
+thread_local const char* t_user_op = "pg_error";
+}  // namespace
+
+const char* user_op_name() {
+  return t_user_op;
+}
+
+UserOpGuard::UserOpGuard(const char* op) : previous_(t_user_op) {
+  t_user_op = op;
+}
+
+UserOpGuard::~UserOpGuard() {
+  t_user_op = previous_;
+}
+
 Reduction parse_reduction(c10::string_view reduction) {
   if (reduction == "mean") {
     return Reduction::Mean;

@@ -31,6 +31,24 @@ bool is_supported_float(at::ScalarType t);
 void check_dense(
     std::initializer_list<std::pair<const char*, const at::Tensor*>> named, const char* op = "pg_error");
 
+// The op the user called, for the messages of checks that run inside
+// pg_error's kernels (the actions' range): an op implemented by calling
+// pg_error (log_prob_entropy) sets its name around the call, so the message
+// names it at no extra cost and without a second check. Thread-local: those
+// checks run on the calling thread. "pg_error" when no guard is active.
+const char* user_op_name();
+
+class UserOpGuard {
+ public:
+  explicit UserOpGuard(const char* op);
+  ~UserOpGuard();
+  UserOpGuard(const UserOpGuard&) = delete;
+  UserOpGuard& operator=(const UserOpGuard&) = delete;
+
+ private:
+  const char* previous_;
+};
+
 // Checks of logit and action alone (also used by pg_row_stats).
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action, const char* op = "pg_error");
 

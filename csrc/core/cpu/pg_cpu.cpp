@@ -1,6 +1,7 @@
 // CPU backend of pgext's ops: the run-time choice of the kernel build for this
 // CPU, the host-side action check and the deterministic batch reduction; the
 // host side shared with CUDA is in backend_ops.h.
+#include "../checks.h"
 #include "pg_cpu_alloc.h"
 #include "pg_cpu_kernel.h"
 
@@ -98,7 +99,7 @@ void check_actions(const RowInputs& in) {
       // the value the caller passed, not its int64 conversion
       const bool wrapped = in.action_dtype == at::kUInt64 && a[r] < 0;
       throw_action_out_of_range(c10::str(
-          "pg_error: action ", wrapped ? std::to_string(static_cast<uint64_t>(a[r])) : std::to_string(a[r]),
+          user_op_name(), ": action ", wrapped ? std::to_string(static_cast<uint64_t>(a[r])) : std::to_string(a[r]),
           " (sample ", r, ") is out of range for N = ", in.n, " classes; expected 0 <= action < ", in.n));
     }
   }

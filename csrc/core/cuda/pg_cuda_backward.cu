@@ -68,7 +68,7 @@ __device__ __forceinline__ void backward_row(
   // outside the row: another shard's action, or a sample of weight 0 (padding, any action)
   const bool in_range = a >= 0 || p.shard || w == acc_t(0);
   if (reports) {
-    CUDA_KERNEL_ASSERT_MSG(in_range, "pg_error: action out of range: expected 0 <= action < N");
+    CUDA_KERNEL_ASSERT_MSG(in_range, "pgext: action out of range: expected 0 <= action < N");
   }
   auto c = math::grad_coef(
       p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r], w,

@@ -62,7 +62,7 @@ struct LossFinish {
     const acc_t w = weight != nullptr ? weight[r] : acc_t(1);
     // a sample of weight 0 (padding) may carry any action: neither checked nor read
     const bool ignored = w == acc_t(0);
-    CUDA_KERNEL_ASSERT_MSG(in_range || ignored, "pg_error: action out of range: expected 0 <= action < N");
+    CUDA_KERNEL_ASSERT_MSG(in_range || ignored, "pgext: action out of range: expected 0 <= action < N");
     const acc_t x_a = in_range ? math::scaled_logit(static_cast<acc_t>(x[a]), inv_t)
         : ignored              ? acc_t(0)
                                : std::numeric_limits<acc_t>::quiet_NaN();

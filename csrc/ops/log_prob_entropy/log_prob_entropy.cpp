@@ -34,6 +34,8 @@ std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
   check_temperature(temperature, kOp);
   // float32 per-sample outputs for half-type logits (the kernels' accumulation
   // type), float64 for float64: the dtype a ratio exp(log_prob - old) needs.
+  // pg_error's kernels check the actions' range; their message names this op
+  const UserOpGuard guard(kOp);
   const at::Tensor minus_one = at::full({}, -1.0, logit.options().dtype(acc_type(logit.scalar_type())));
   if (!ignore_index.has_value()) {
     return ops::pg_error(logit, action, minus_one, std::nullopt, "none", temperature);
