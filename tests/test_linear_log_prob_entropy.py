@@ -52,12 +52,12 @@ def _ups(shape, which, seed=1):
 
 
 CASES = [
-    # shape, H, V, bias, temperature, ignore_index, chunk_size
+    # shape, H, V, bias, temperature, ignore_index, chunk_size (classes per slice)
     ((10,), 16, 50, True, 1.0, None, 1),
-    ((10,), 16, 50, True, 0.7, None, 3),     # chunk not dividing the rows
+    ((10,), 16, 50, True, 0.7, None, 3),     # ragged last slice
     ((2, 5), 16, 50, False, 1.3, -100, 4),   # leading dims, no bias, padding
-    ((3, 2, 2), 8, 33, True, 2.0, -1, 100),  # chunk larger than the rows
-    ((12,), 16, 50, True, 1.0, -100, None),  # default chunk size
+    ((3, 2, 2), 8, 33, True, 2.0, -1, 100),  # slice larger than V
+    ((12,), 16, 50, True, 1.0, -100, None),  # default slice size
 ]
 
 
@@ -108,6 +108,18 @@ def test_empty_input():
     out, grads = _grads(fused, x, w, b, a, _ups((0, 3), "both"), chunk_size=2)
     assert out[0].shape == out[1].shape == (0, 3)
     assert grads[0].shape == x.shape and (grads[1] == 0).all() and (grads[2] == 0).all()
+
+
+def test_many_rows_are_tiled():
+    # beyond 32 MiB / (256 classes * 4 bytes) rows the rows are tiled too:
+    # two row tiles, a full 256-class slice and a ragged one
+    rows = (32 << 20) // (256 * 4) + 5
+    x, w, b, a = _inputs((rows,), 4, 300, torch.float32, seed=9, pad=-100)
+    up = _ups((rows,), "both")
+    out, grads = _grads(fused, x, w, b, a, up, ignore_index=-100)
+    want, want_grads = _grads(unfused, x, w, b, a, up, ignore_index=-100)
+    for got, exp in zip(out + grads, want + want_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
 
 
 def test_chunk_size_does_not_change_results():

@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default="fused,unfused,lce", metavar="I[,I...]",
                    help="linear_log_prob_entropy: which of fused, unfused, lce to run (default: all)")
     p.add_argument("--chunk-size", type=_positive(int), default=None, metavar="N",
-                   help="linear_log_prob_entropy: rows per chunk of the fused op (default: its own)")
+                   help="linear_log_prob_entropy: classes per slice of the fused op (default: its own)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="logit/return_ dtype (default: float32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu, or cuda (timed with CUDA events; skipped with a message if there is no GPU)")

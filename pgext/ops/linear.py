@@ -1,9 +1,9 @@
 """The output layer fused in: ``linear_log_prob_entropy`` and ``linear_pg_error``.
 
-Both run the dispatcher ops ``torch.ops.pgext.linear_*`` (C++ chunk loops,
+Both run the dispatcher ops ``torch.ops.pgext.linear_*`` (C++ tile loops,
 C++ autograd, Meta kernels): the ``(tokens, V)`` logits of
-``input @ linear_weight.T + linear_bias`` are formed a chunk of rows at a time
-and never exist in full, forward or backward (docs/fused-head.md).
+``input @ linear_weight.T + linear_bias`` are formed a class slice (and, for many
+rows, a row tile) at a time and never exist in full, forward or backward (docs/fused-head.md).
 """
 from __future__ import annotations
 
@@ -60,8 +60,10 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
         temperature: divides the logits (finite, > 0); folded into the GEMMs.
         ignore_index: samples whose action equals it get log_prob 0, entropy
             0 and no gradient, and are not range-checked.
-        chunk_size: rows of logits formed at a time; ``None``: as many as
-            fit in about 128 MiB (``128 MiB / (V * itemsize)``).
+        chunk_size: classes (vocabulary entries) per slice of logits formed
+            at a time; ``None``: as many as fit in about 32 MiB for all the
+            rows, at least 256 (rows are then tiled so that a 256-class slice
+            fits in 32 MiB).
 
     Returns:
         ``(log_prob, entropy)`` of the actions' shape, float32 (float64 for

@@ -1,7 +1,7 @@
 #pragma once
 // The fused output layer (included by pgext/pgext.h): log_prob_entropy and
 // pg_error on logits = (input @ linear_weight.T + linear_bias) / temperature,
-// computed in chunks of rows so that the (tokens, V) logits and their
+// computed in class slices (and row tiles) so that the (tokens, V) logits and their
 // gradient never exist. Python: pgext.linear_log_prob_entropy and
 // pgext.linear_pg_error, the same dispatcher ops.
 #include <ATen/core/Tensor.h>
@@ -19,7 +19,7 @@ struct LinearOptions {
   // linear_log_prob_entropy only: samples whose action equals it get 0 for
   // both outputs and no gradient, and are not range-checked.
   std::optional<int64_t> ignore_index = std::nullopt;
-  // Rows per chunk; nullopt: about 128 MiB of logits per chunk.
+  // Classes per slice; nullopt: about 32 MiB of logits per slice.
   std::optional<int64_t> chunk_size = std::nullopt;
 };
 

@@ -1,6 +1,7 @@
 #pragma once
 // The output layer fused into log_prob_entropy: logits = (input @ W.T + b) / T
-// are formed a chunk of rows at a time and never exist in full (issue 21).
+// are formed a tile (class slice x rows) at a time and never exist in full
+// (issue 21).
 // Shared by the kernel ops (linear_log_prob_entropy_kernels.cpp), their Meta
 // kernels and checks (linear_log_prob_entropy_meta.cpp), the autograd of the
 // user op (linear_log_prob_entropy_autograd.cpp) and linear_pg_error.
@@ -19,6 +20,22 @@ constexpr int64_t kLinearChunkBytes = int64_t{128} << 20;
 // The chunk size to use: `chunk_size`, else kLinearChunkBytes' worth of rows
 // of V classes in `dtype`; never more than `rows` (at least 1).
 int64_t linear_chunk_rows(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype);
+
+// The tiling of the kernel ops' loops: class slices of `classes` classes
+// (`chunk_size` when given, else kLinearSliceBytes' worth of logits of all
+// the rows, at least kLinearMinSliceClasses), and row tiles of `rows` rows,
+// fewer than all only when the rows are so many that a slice of
+// kLinearMinSliceClasses classes would exceed the budget. Small slices stay
+// in cache between the GEMM that forms them and the row kernel that reads them.
+constexpr int64_t kLinearSliceBytes = int64_t{32} << 20;
+constexpr int64_t kLinearMinSliceClasses = 256;
+
+struct LinearTiles {
+  int64_t rows = 1;
+  int64_t classes = 1;
+};
+
+LinearTiles linear_tiles(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype);
 
 // TypeError / ValueError naming the offending shape, dtype, device or
 // option. Metadata only (sym sizes): the Meta kernels run it too.

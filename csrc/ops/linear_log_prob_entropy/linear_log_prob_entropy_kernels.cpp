@@ -1,8 +1,12 @@
-// The chunk loops of the fused output layer, forward and backward. Each chunk
-// of rows forms its logits (rows x V) with one GEMM, runs pg_error's fused
-// kernels on them (return -1, reduction 'none': policy = log p(a)) and drops
-// them; backward recomputes them. Only dispatcher ops are called (at::addmm,
-// pgext::pg_error_forward/backward), so the same code runs on every backend
+// The tile loops of the fused output layer, forward and backward. They walk
+// the vocabulary in class slices (and the rows in tiles only when there are
+// so many that a slice would get too thin), so each slice of the weight is
+// read once per row tile and its gradient written once, instead of every row
+// chunk re-reading the whole weight. Forward merges the slices' row statistics
+// online (pg_row_stats, as pgext.distributed merges shards); backward
+// recomputes each tile's logits and takes their gradient from the saved lse
+// and entropy (pg_grad_from_stats, return -1, reduction 'none'). Only
+// dispatcher ops are called (at::addmm, pgext kernel ops), so the same code runs on every backend
 // (CompositeExplicitAutograd) without a host synchronization, and the results
 // do not depend on the chunk size beyond the GEMMs' rounding.
 #include "core/checks.h"
@@ -13,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
+#include <utility>
 
 namespace pgext {
 namespace {
@@ -23,7 +29,7 @@ struct Flat {
   at::Tensor action;  // (rows,)
   at::Tensor keep;    // (rows,) bool, undefined without ignore_index
   int64_t rows = 0;
-  int64_t chunk = 1;
+  LinearTiles tiles;
 };
 
 Flat flatten(
@@ -40,21 +46,25 @@ Flat flatten(
   if (ignore_index.has_value()) {
     f.keep = f.action != *ignore_index;
   }
-  f.chunk = linear_chunk_rows(chunk_size, f.rows, linear_weight.size(0), input.scalar_type());
+  f.tiles = linear_tiles(chunk_size, f.rows, linear_weight.size(0), input.scalar_type());
   return f;
 }
 
-// On the CPU, the actions are checked here once, so that an error names the
-// sample by its index in the whole input, not in its chunk (the kernels'
-// check, which also runs, knows only the chunk). On CUDA that would be a host
-// synchronization: the kernels' device-side assert reports it instead.
-void check_actions_on_cpu(const Flat& f, int64_t V) {
-  if (!f.action.device().is_cpu() || f.rows == 0) {
+// The actions are checked here once: pg_row_stats, which sees one class
+// slice, cannot tell a bad action from one in another slice. On the CPU the
+// error names the sample by its index in the whole input; elsewhere that
+// would be a host synchronization, so a device-side assert reports it.
+void check_actions(const Flat& f, int64_t V) {
+  if (f.rows == 0) {
     return;
   }
   at::Tensor bad = at::logical_or(f.action < 0, f.action >= V);
   if (f.keep.defined()) {
     bad = at::logical_and(bad, f.keep);
+  }
+  if (!f.action.device().is_cpu()) {
+    at::_assert_async(bad.any().logical_not(), "linear_log_prob_entropy: an action is out of range for V classes");
+    return;
   }
   if (!bad.any().item<bool>()) {
     return;
@@ -66,19 +76,46 @@ void check_actions_on_cpu(const Flat& f, int64_t V) {
       std::to_string(V));
 }
 
-std::optional<at::Tensor> rows_of(const at::Tensor& t, int64_t start, int64_t len) {
-  return t.defined() ? std::optional<at::Tensor>(t.narrow(0, start, len)) : std::nullopt;
-}
-
-// (x W^T + b) / T for one chunk, the temperature folded into the GEMM: no
+// (x W^T + b) / T for one tile, the temperature folded into the GEMM: no
 // second pass over the logits and no rounding of the untempered ones.
-at::Tensor chunk_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double inv_t) {
+at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double inv_t) {
   if (b.defined()) {
     return at::addmm(b, x, w.t(), /*beta=*/inv_t, /*alpha=*/inv_t);
   }
   at::Tensor z = at::mm(x, w.t());
   return inv_t == 1.0 ? z : z.mul_(inv_t);
 }
+
+// The running statistics of one row tile over the class slices seen so far,
+// in float64 so that the merge's rescalings do not depend on the slicing.
+struct RowStats {
+  at::Tensor max, sum_exp, shifted_sum, action_logit;
+
+  // Folds in one slice's pg_row_stats, as pgext.distributed merges shards
+  // (pg_math.md): both parts are rescaled to the new maximum. A part whose
+  // row is all -inf (scale 0) contributes nothing, and a row that is -inf
+  // so far gets no rescaling (-inf - -inf is NaN); NaN logits still propagate.
+  void merge(const at::Tensor& m, const at::Tensor& s, const at::Tensor& q, const at::Tensor& xa) {
+    const at::Tensor md = m.to(at::kDouble), sd = s.to(at::kDouble), qd = q.to(at::kDouble);
+    if (!max.defined()) {
+      max = md, sum_exp = sd, shifted_sum = qd, action_logit = xa.to(at::kDouble);
+      return;
+    }
+    const at::Tensor new_max = at::maximum(max, md);
+    const auto rescale = [&](const at::Tensor& part_max, const at::Tensor& se, const at::Tensor& ss) {
+      const at::Tensor shift = part_max - new_max;
+      const at::Tensor scale = at::exp(shift);
+      const at::Tensor empty = at::logical_or(scale == 0, new_max == -INFINITY);
+      return std::make_pair(at::where(empty, 0.0, scale * se), at::where(empty, 0.0, scale * (ss + shift * se)));
+    };
+    const auto [s_old, q_old] = rescale(max, sum_exp, shifted_sum);
+    const auto [s_new, q_new] = rescale(md, sd, qd);
+    max = new_max;
+    sum_exp = s_old + s_new;
+    shifted_sum = q_old + q_new;
+    action_logit = action_logit + xa.to(at::kDouble);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const at::Tensor& input,
@@ -90,27 +127,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     std::optional<int64_t> chunk_size) {
   check_linear_inputs(input, linear_weight, action, linear_bias, temperature, chunk_size);
   const Flat f = flatten(input, linear_weight, action, ignore_index, chunk_size);
-  check_actions_on_cpu(f, linear_weight.size(0));
+  const int64_t V = linear_weight.size(0);
+  check_actions(f, V);
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
   const auto acc = input.options().dtype(acc_type(input.scalar_type()));
   at::Tensor log_prob = at::empty({f.rows}, acc);
   at::Tensor entropy = at::empty({f.rows}, acc);
   at::Tensor lse = at::empty({f.rows}, input.options().dtype(at::kDouble));
-  const at::Tensor minus_one = at::full({}, -1.0, acc);
   const double inv_t = 1.0 / temperature;
-  for (int64_t start = 0; start < f.rows; start += f.chunk) {
-    const int64_t len = std::min(f.chunk, f.rows - start);
-    const at::Tensor z = chunk_logits(f.x.narrow(0, start, len), linear_weight, bias, inv_t);
-    // Ignored rows have weight 0: pg_error neither range-checks nor reads them.
-    auto [policy, unused, row_lse, row_entropy] =
-        ops::pg_error_forward(z, f.action.narrow(0, start, len), minus_one, rows_of(f.keep, start, len), "none");
-    log_prob.narrow(0, start, len).copy_(policy);
-    entropy.narrow(0, start, len).copy_(row_entropy);
-    lse.narrow(0, start, len).copy_(row_lse);
+  for (int64_t r0 = 0; r0 < f.rows; r0 += f.tiles.rows) {
+    const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
+    const at::Tensor x = f.x.narrow(0, r0, rn);
+    const at::Tensor a = f.action.narrow(0, r0, rn);
+    RowStats st;
+    for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
+      const int64_t cn = std::min(f.tiles.classes, V - c0);
+      const at::Tensor z = tile_logits(
+          x, linear_weight.narrow(0, c0, cn), bias.defined() ? bias.narrow(0, c0, cn) : bias, inv_t);
+      // the action's logit is 0 where the action lies in another slice, and
+      // ignored rows' actions are never read as indices
+      auto [m, s, q, xa] = ops::pg_row_stats(z, a, c0, 1.0);
+      st.merge(m, s, q, xa);
+    }
+    if (!st.max.defined()) {  // V == 0: the checks leave only empty rows here
+      continue;
+    }
+    const at::Tensor log_total = at::log(st.sum_exp);
+    // the kernels' form (pg_math.h): log p(a) = (x_a - max) - log S
+    log_prob.narrow(0, r0, rn).copy_((st.action_logit - st.max) - log_total);
+    entropy.narrow(0, r0, rn).copy_(log_total - st.shifted_sum / st.sum_exp);
+    lse.narrow(0, r0, rn).copy_(st.max + log_total);
   }
   if (f.keep.defined()) {
-    // exactly 0 for ignored rows (the weight alone leaves -0, or a padding
-    // row's NaN); backward never reads their statistics
+    // exactly 0 for ignored rows (a padding row may hold NaN); backward never
+    // reads their statistics
     const at::Tensor zero = at::zeros({}, acc);
     log_prob = at::where(f.keep, log_prob, zero);
     entropy = at::where(f.keep, entropy, zero);
@@ -133,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   check_linear_inputs(input, linear_weight, action, linear_bias, temperature, chunk_size);
   check_linear_backward_inputs(grad_log_prob, grad_entropy, lse, entropy, action);
   const Flat f = flatten(input, linear_weight, action, ignore_index, chunk_size);
+  const int64_t V = linear_weight.size(0);
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
   const auto dtype = input.scalar_type();
   const auto acc = acc_type(dtype);
@@ -141,33 +192,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const at::Tensor row_lse = lse.reshape({f.rows}).to(at::kDouble);
   const at::Tensor row_entropy = entropy.reshape({f.rows}).to(acc);
   const at::Tensor minus_one = at::full({}, -1.0, input.options().dtype(acc));
+  const std::optional<at::Tensor> keep = f.keep.defined() ? std::optional<at::Tensor>(f.keep) : std::nullopt;
   const double inv_t = 1.0 / temperature;
-  // The weight's gradient sums over every chunk: in float32 for half types
-  // (each chunk's product is rounded once, the sum is not), converted at the end.
-  at::Tensor grad_input = at::empty({f.rows, linear_weight.size(1)}, input.options());
-  at::Tensor grad_weight = at::zeros(linear_weight.sizes(), linear_weight.options().dtype(acc));
-  at::Tensor grad_bias = bias.defined() ? at::zeros(bias.sizes(), bias.options().dtype(acc)) : at::Tensor();
-  for (int64_t start = 0; start < f.rows; start += f.chunk) {
-    const int64_t len = std::min(f.chunk, f.rows - start);
-    const at::Tensor x = f.x.narrow(0, start, len);
-    const at::Tensor z = chunk_logits(x, linear_weight, bias, inv_t);
-    // d loss / d logits of the tempered logits, in their dtype; 0 on ignored rows
-    const at::Tensor g = ops::pg_error_backward(
-        g_lp.narrow(0, start, len), g_ent.narrow(0, start, len), z, f.action.narrow(0, start, len), minus_one,
-        rows_of(f.keep, start, len), row_lse.narrow(0, start, len), row_entropy.narrow(0, start, len), "none");
-    at::Tensor gi = grad_input.narrow(0, start, len);
-    at::addmm_out(gi, gi, g, linear_weight, /*beta=*/0, /*alpha=*/inv_t);
-    if (acc == dtype) {
-      grad_weight.addmm_(g.t(), x, /*beta=*/1, /*alpha=*/inv_t);
-    } else {
-      grad_weight.add_(at::mm(g.t(), x), inv_t);
+  const bool one_row_tile = f.tiles.rows >= f.rows;
+  // grad_input sums over every class slice: in float32 for half types. Each
+  // class slice of the weight's gradient is written once, summed over the
+  // row tiles (in float32 for half types) only when there are several.
+  at::Tensor grad_input = at::zeros({f.rows, linear_weight.size(1)}, input.options().dtype(acc));
+  at::Tensor grad_weight = at::empty(linear_weight.sizes(), linear_weight.options());
+  at::Tensor grad_bias = bias.defined() ? at::empty(bias.sizes(), bias.options()) : at::Tensor();
+  for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
+    const int64_t cn = std::min(f.tiles.classes, V - c0);
+    const at::Tensor w = linear_weight.narrow(0, c0, cn);
+    const at::Tensor b = bias.defined() ? bias.narrow(0, c0, cn) : bias;
+    at::Tensor gw = one_row_tile ? grad_weight.narrow(0, c0, cn) : at::zeros({cn, w.size(1)}, w.options().dtype(acc));
+    at::Tensor gb = b.defined() ? at::zeros({cn}, b.options().dtype(acc)) : at::Tensor();
+    for (int64_t r0 = 0; r0 < f.rows; r0 += f.tiles.rows) {
+      const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
+      const at::Tensor x = f.x.narrow(0, r0, rn);
+      const at::Tensor z = tile_logits(x, w, b, inv_t);
+      // d loss / d logits of the tempered logits, in their dtype; 0 on ignored rows
+      const at::Tensor g = ops::pg_grad_from_stats(
+          g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), z, f.action.narrow(0, r0, rn), minus_one,
+          keep.has_value() ? std::optional<at::Tensor>(keep->narrow(0, r0, rn)) : std::nullopt,
+          row_lse.narrow(0, r0, rn), row_entropy.narrow(0, r0, rn), "none", c0, 1.0);
+      at::Tensor gi = grad_input.narrow(0, r0, rn);
+      if (acc == dtype) {
+        gi.addmm_(g, w, /*beta=*/1, /*alpha=*/inv_t);
+      } else {
+        gi.add_(at::mm(g, w), inv_t);
+      }
+      if (one_row_tile) {
+        at::mm_out(gw, g.t(), x);
+        if (inv_t != 1.0) {
+          gw.mul_(inv_t);
+        }
+      } else if (acc == dtype) {
+        gw.addmm_(g.t(), x, /*beta=*/1, /*alpha=*/inv_t);
+      } else {
+        gw.add_(at::mm(g.t(), x), inv_t);
+      }
+      if (gb.defined()) {
+        gb.add_(g.sum(0, /*keepdim=*/false, acc), inv_t);
+      }
     }
-    if (grad_bias.defined()) {
-      grad_bias.add_(g.sum(0, /*keepdim=*/false, acc), inv_t);
+    if (!one_row_tile) {
+      grad_weight.narrow(0, c0, cn).copy_(gw);
+    }
+    if (gb.defined()) {
+      grad_bias.narrow(0, c0, cn).copy_(gb);
     }
   }
-  return {grad_input.view(input.sizes()), grad_weight.to(dtype),
-          grad_bias.defined() ? grad_bias.to(dtype) : at::empty({0}, input.options())};
+  if (f.rows == 0) {  // no row tile ran: the class slices were never written
+    grad_weight.zero_();
+    if (grad_bias.defined()) {
+      grad_bias.zero_();
+    }
+  }
+  return {grad_input.to(dtype).view(input.sizes()), grad_weight,
+          grad_bias.defined() ? grad_bias : at::empty({0}, input.options())};
 }
 
 }  // namespace

@@ -21,6 +21,17 @@ int64_t linear_chunk_rows(std::optional<int64_t> chunk_size, int64_t rows, int64
   return std::max<int64_t>(1, std::min(chunk, rows));
 }
 
+LinearTiles linear_tiles(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype) {
+  const int64_t elt = static_cast<int64_t>(c10::elementSize(dtype));
+  LinearTiles t;
+  t.rows = std::max<int64_t>(1, std::min(rows, kLinearSliceBytes / (kLinearMinSliceClasses * elt)));
+  const int64_t classes = chunk_size.has_value()
+      ? *chunk_size
+      : std::max(kLinearMinSliceClasses, kLinearSliceBytes / (t.rows * elt));
+  t.classes = std::max<int64_t>(1, std::min(classes, V));
+  return t;
+}
+
 void check_linear_inputs(
     const at::Tensor& input,
     const at::Tensor& linear_weight,
