@@ -125,7 +125,10 @@ def assert_all_same(got, want, what, logit_dtype):
 def upstream(reduction, rows, dtype, seed=7):
     g = torch.Generator().manual_seed(seed)
     shape = (rows,) if reduction == "none" else ()
-    return [(torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype) for _ in range(2)]
+    ups = [torch.randn(shape, generator=g, dtype=torch.float64) * 2 for _ in range(2)]
+    if reduction == "none":
+        ups[1][::3] = 0  # rows without an entropy gradient: the policy-only form
+    return [u.to(dtype) for u in ups]
 
 
 def run_ops(ops, inp, reduction, temperature=1.0):

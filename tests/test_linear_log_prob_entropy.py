@@ -144,6 +144,43 @@ def test_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(f, leaves)
 
 
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, False, True), (False, False, False)])
+def test_backward_output_mask(mask):
+    """A gradient left out of output_mask comes back with shape (0,); the
+    others equal the full backward's bitwise (the same GEMMs run)."""
+    x, w, b, a = _inputs((2, 9), 8, 40, torch.float32, seed=7, pad=-100)
+    lp, ent, lse = OPS.linear_log_prob_entropy_forward(x, w, a, b, 0.8, -100, 6)
+    ups = (torch.randn(2, 9), torch.randn(2, 9))
+    full = OPS.linear_log_prob_entropy_backward(*ups, x, w, a, b, lse, ent, 0.8, -100, 6, [True] * 3)
+    got = OPS.linear_log_prob_entropy_backward(*ups, x, w, a, b, lse, ent, 0.8, -100, 6, list(mask))
+    for wanted, g, f in zip(mask, got, full):
+        if wanted:
+            assert torch.equal(g, f)
+        else:
+            assert g.shape == (0,)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "weight_and_bias", "input"])
+def test_frozen_parameters(frozen):
+    """Leaves without requires_grad (a frozen head, or hidden states from a
+    frozen trunk) get no gradient, and the others are unchanged."""
+    x, w, b, a = _inputs((11,), 8, 30, torch.float64, seed=8, pad=-100)
+    need = {"weight": (True, False, True), "weight_and_bias": (True, False, False),
+            "input": (False, True, True)}[frozen]
+    leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), need)]
+    lp, ent = fused(*leaves[:2], a, leaves[2], temperature=1.1, ignore_index=-100, chunk_size=7)
+    (lp.sum() + 0.3 * ent.sum()).backward()
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    lp, ent = fused(ref[0], ref[1], a, ref[2], temperature=1.1, ignore_index=-100, chunk_size=7)
+    (lp.sum() + 0.3 * ent.sum()).backward()
+    for leaf, r, wanted in zip(leaves, ref, need):
+        if wanted:
+            torch.testing.assert_close(leaf.grad, r.grad, rtol=0, atol=0)
+        else:
+            assert leaf.grad is None
+
+
 def test_opcheck():
     x, w, b, a = _inputs((6,), 8, 13, torch.float32, seed=4, pad=-100)
     args = (x, w, a, b, 1.5, -100, 4)
@@ -153,8 +190,9 @@ def test_opcheck():
                            1.5, -100, 4))
     lp, ent, lse = OPS.linear_log_prob_entropy_forward(*args)
     torch.library.opcheck(OPS.linear_log_prob_entropy_forward.default, args)
-    torch.library.opcheck(OPS.linear_log_prob_entropy_backward.default,
-                          (torch.randn(6), torch.randn(6), x, w, a, b, lse, ent, 1.5, -100, 4))
+    for mask in ([True, True, True], [True, False, True], [False, True, False]):
+        torch.library.opcheck(OPS.linear_log_prob_entropy_backward.default,
+                              (torch.randn(6), torch.randn(6), x, w, a, b, lse, ent, 1.5, -100, 4, mask))
     torch.library.opcheck(OPS.linear_pg_error.default,
                           (x, w, a.clamp_min(0), torch.randn(6), b, None, "mean", 1.0, None))
 

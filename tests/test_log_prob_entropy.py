@@ -35,6 +35,25 @@ def test_matches_categorical(dtype, shape, n, which):
     torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
+@pytest.mark.parametrize("n", [18, 1000])
+def test_rows_without_an_entropy_gradient(dtype, n):
+    """Rows whose entropy has a zero upstream gradient take the kernels'
+    policy-only form (p * k): the same gradient as the general form with a
+    negligible entropy gradient, row by row, in a batch that mixes both."""
+    logit, action = categorical_inputs((24,), n, dtype, seed=n, mask=True)
+    g = torch.Generator().manual_seed(5)
+    g_lp, g_ent = torch.randn(24, generator=g, dtype=torch.float64), torch.randn(24, generator=g, dtype=torch.float64)
+    g_ent[::2] = 0
+    _, grad = run_with_upstream(pgext.log_prob_entropy, logit, action, [g_lp, g_ent])
+    _, general = run_with_upstream(pgext.log_prob_entropy, logit, action, [g_lp, g_ent.where(g_ent != 0, 1e-30)])
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(grad.double(), general.double(), rtol=tol, atol=tol)
+    _, want = run_with_upstream(pgext.reference.log_prob_entropy, finite_mask(logit.double()), action, [g_lp, g_ent])
+    tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(grad.double(), want, rtol=tol, atol=tol)
+
+
 def test_ignore_index():
     """Padding: log_prob and entropy exactly 0, gradient rows exactly 0, and
     the ignored value is never range-checked; the other samples are unchanged."""

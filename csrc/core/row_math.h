@@ -249,6 +249,16 @@ C10_HOST_DEVICE inline acc_t grad_elem(acc_t x, SplitLse<acc_t> lse, RowGradCoef
   return p * c.k - c.c_entropy * (p * t);
 }
 
+// grad_elem for a row whose entropy has no upstream gradient (cE == 0: the
+// entropy's gradient None, PPO without an entropy bonus): p * k, the value
+// grad_elem gives (up to the sign of a zero), with no entropy arithmetic.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t grad_elem_policy_only(acc_t x, SplitLse<acc_t> lse, RowGradCoef<acc_t> c) {
+  acc_t t = (x - lse.hi) - lse.lo;
+  t = t < lowest<acc_t>() ? lowest<acc_t>() : t;
+  return exp_(t) * c.k;
+}
+
 #if defined(CPU_CAPABILITY)
 }  // namespace CPU_CAPABILITY
 #endif

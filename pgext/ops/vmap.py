@@ -137,6 +137,57 @@ def _pg_row_stats(info, in_dims, logit, action, vocab_start=0, temperature=1.0):
     return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start, temperature)), (0, 0, 0, 0)
 
 
+def _per_entry(op, info, in_dims, args):
+    """op once per batch entry, outputs stacked: for calls one op call
+    cannot batch (a linear_weight per entry; per-entry weight gradients).
+    Each call of the fused output layer is a vocabulary-sized GEMM, so the
+    loop's per-call overhead is negligible."""
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    fronts = [_front(a, d, info.batch_size) if isinstance(a, torch.Tensor) and d is not None else a
+              for a, d in zip(args, in_dims)]
+    outs = [op(*(f[i] if isinstance(f, torch.Tensor) and d is not None else f for f, d in zip(fronts, in_dims)))
+            for i in range(info.batch_size)]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def _linear_rule(op, outputs: int):
+    """linear_log_prob_entropy (and its forward kernel op): with the layer
+    shared by the entries, the vmapped dimension is one more leading
+    dimension of input and action, one call; a layer per entry loops."""
+    out_dims = (0,) * outputs
+
+    def rule(info, in_dims, input, linear_weight, action, linear_bias=None, temperature=1.0, ignore_index=None,
+             chunk_size=None):
+        args = (input, linear_weight, action, linear_bias, temperature, ignore_index, chunk_size)
+        dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+        if dims[1] is not None or dims[3] is not None:
+            return _per_entry(op, info, dims, args), out_dims
+        input, action = _fronts(info, (dims[0], dims[2]), (input, action))
+        return tuple(op(input, linear_weight, action, linear_bias, temperature, ignore_index, chunk_size)), out_dims
+
+    return rule
+
+
+def _linear_backward(info, in_dims, grad_log_prob, grad_entropy, input, linear_weight, action, linear_bias, lse,
+                     entropy, temperature, ignore_index, chunk_size, output_mask):
+    """Each entry has a weight and bias gradient of its own, so one call
+    serves only a shared layer whose input gradient alone is asked for."""
+    op = torch.ops.pgext.linear_log_prob_entropy_backward
+    args = (grad_log_prob, grad_entropy, input, linear_weight, action, linear_bias, lse, entropy, temperature,
+            ignore_index, chunk_size, output_mask)
+    dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    if dims[3] is None and dims[5] is None and not output_mask[1] and not output_mask[2]:
+        per_row = _fronts(info, dims[:3] + dims[4:5] + dims[6:8],
+                          (grad_log_prob, grad_entropy, input, action, lse, entropy))
+        g_lp, g_ent, input, action, lse, entropy = per_row
+        grads = op(g_lp, g_ent, input, linear_weight, action, linear_bias, lse, entropy, temperature, ignore_index,
+                   chunk_size, output_mask)
+        # the unasked gradients have shape (0,) per entry
+        none = input.new_empty(info.batch_size, 0)
+        return (grads[0], none, none.clone()), 0
+    return _per_entry(op, info, dims, args), 0
+
+
 _LIB = None
 
 
@@ -152,6 +203,11 @@ def register() -> None:
         "pg_row_stats": _pg_row_stats,
         "pg_grad_from_stats": _pg_grad_from_stats,
     }
+    rules.update({
+        "linear_log_prob_entropy": _linear_rule(torch.ops.pgext.linear_log_prob_entropy, 2),
+        "linear_log_prob_entropy_forward": _linear_rule(torch.ops.pgext.linear_log_prob_entropy_forward, 3),
+        "linear_log_prob_entropy_backward": _linear_backward,
+    })
     _LIB = torch.library.Library("pgext", "FRAGMENT")
     for name, rule in rules.items():
         torch.library.register_vmap(f"pgext::{name}", rule, lib=_LIB)

@@ -420,7 +420,11 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             return shifted(xv, vhi, vlo);
           }
         };
-        if (factored) {
+        // A row whose entropy has no upstream gradient (cE == 0) skips the
+        // entropy term: p * k, the value of both forms below.
+        if (c.c_entropy == acc_t(0)) {
+          with_grad([&](const V& p, const V&) { return p * vk; }, exponent);
+        } else if (factored) {
           with_grad([&](const V& p, const V& tv) { return grad_of_exp_factored(p, tv, vk, vce); }, exponent);
         } else {
           with_grad([&](const V& p, const V& tv) { return grad_of_exp(p, tv, vk, vce); }, exponent);

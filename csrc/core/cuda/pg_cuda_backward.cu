@@ -78,8 +78,11 @@ __device__ __forceinline__ void backward_row(
     c.c_entropy = c.k;
   }
   const auto lse = math::split_lse<acc_t>(p.lse[r]);
+  // the same for every thread of the row: no divergence
+  const bool policy_only = c.c_entropy == acc_t(0);
   const auto grad_at = [&](scalar_t x, int64_t j) {
-    acc_t g = math::grad_elem(math::scaled_logit(static_cast<acc_t>(x), p.inv_t), lse, c);
+    const acc_t z = math::scaled_logit(static_cast<acc_t>(x), p.inv_t);
+    acc_t g = policy_only ? math::grad_elem_policy_only(z, lse, c) : math::grad_elem(z, lse, c);
     if (j == a) {
       g -= c.c_policy;
     }

@@ -20,12 +20,15 @@ TORCH_LIBRARY_FRAGMENT(pgext, m) {
       "linear_log_prob_entropy_forward(Tensor input, Tensor linear_weight, Tensor action, Tensor? linear_bias, "
       "float temperature, int? ignore_index, int? chunk_size) -> (Tensor log_prob, Tensor entropy, Tensor lse)");
   // Backward kernel: the gradients of input, linear_weight and linear_bias
-  // (shape (0,) without a bias) for upstream gradients of both outputs.
+  // for upstream gradients of both outputs. output_mask names the gradients
+  // wanted; one not wanted (a frozen head's weight) is not computed, which
+  // saves its GEMM, and comes back with shape (0,), as the bias's does
+  // without a bias.
   m.def(
       "linear_log_prob_entropy_backward(Tensor grad_log_prob, Tensor grad_entropy, Tensor input, "
       "Tensor linear_weight, Tensor action, Tensor? linear_bias, Tensor lse, Tensor entropy, float temperature, "
-      "int? ignore_index, int? chunk_size) -> (Tensor grad_input, Tensor grad_linear_weight, "
-      "Tensor grad_linear_bias)");
+      "int? ignore_index, int? chunk_size, bool[3] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_linear_weight, Tensor grad_linear_bias)");
   // pg_error's two losses on the fused output layer (linear_pg_error.cpp).
   m.def(
       "linear_pg_error(Tensor input, Tensor linear_weight, Tensor action, Tensor return_, "
@@ -75,12 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_log_prob_entropy_backward(
     const at::Tensor& entropy,
     double temperature,
     std::optional<int64_t> ignore_index,
-    std::optional<int64_t> chunk_size) {
+    std::optional<int64_t> chunk_size,
+    std::array<bool, 3> output_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pgext::linear_log_prob_entropy_backward", "")
                        .typed<decltype(linear_log_prob_entropy_backward)>();
   return op.call(grad_log_prob, grad_entropy, input, linear_weight, action, linear_bias, lse, entropy, temperature,
-                 ignore_index, chunk_size);
+                 ignore_index, chunk_size, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_pg_error(

@@ -7,19 +7,17 @@
 // user op (linear_log_prob_entropy_autograd.cpp) and linear_pg_error.
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 namespace pgext {
 
-// Rows per chunk when the caller gives none: the chunk's logits (rows x V in
-// the input's dtype) take about this many bytes. Backward holds two such
-// buffers (the logits and their gradient) plus the kernels' own.
+// Rows per chunk of the double-backward path (differentiable ATen ops, which
+// need whole rows): the chunk's logits (rows x V in the input's dtype) take
+// about this many bytes, never more than `rows` (at least 1).
 constexpr int64_t kLinearChunkBytes = int64_t{128} << 20;
-
-// The chunk size to use: `chunk_size`, else kLinearChunkBytes' worth of rows
-// of V classes in `dtype`; never more than `rows` (at least 1).
-int64_t linear_chunk_rows(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype);
+int64_t linear_chunk_rows(int64_t rows, int64_t V, at::ScalarType dtype);
 
 // The tiling of the kernel ops' loops: class slices of `classes` classes
 // (`chunk_size` when given, else kLinearSliceBytes' worth of logits of all
@@ -87,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_log_prob_entropy_backward(
     const at::Tensor& entropy,
     double temperature,
     std::optional<int64_t> ignore_index,
-    std::optional<int64_t> chunk_size);
+    std::optional<int64_t> chunk_size,
+    std::array<bool, 3> output_mask = {true, true, true});
 
 std::tuple<at::Tensor, at::Tensor> linear_pg_error(
     const at::Tensor& input,

@@ -4,7 +4,9 @@
 // bytes a row) and recomputes each chunk's logits in backward. With
 // create_graph (double backward, torch.func) it runs the same chunk loop in
 // differentiable ATen ops and pg_error_backward's own autograd instead.
+// Compiled autograd records the node in its functional form.
 #include "core/checks.h"
+#include "core/compiled_autograd.h"
 #include "core/ops.h"
 #include "ops/linear_log_prob_entropy/linear_log_prob_entropy.h"
 
@@ -14,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <mutex>
 #include <vector>
 
@@ -46,7 +49,8 @@ variable_list differentiable_grads(const at::Tensor& g_lp, const at::Tensor& g_e
   const at::Tensor ent = s.entropy.detach().reshape({rows}).to(acc);
   const at::Tensor minus_one = at::full({}, -1.0, s.input.options().dtype(acc));
   const double inv_t = 1.0 / s.temperature;
-  const int64_t chunk = linear_chunk_rows(s.chunk_size, rows, s.weight.size(0), s.input.scalar_type());
+  // chunk_size counts the kernel ops' class slices; rows here
+  const int64_t chunk = linear_chunk_rows(rows, s.weight.size(0), s.input.scalar_type());
   std::vector<at::Tensor> grad_input;
   at::Tensor grad_weight = at::zeros_like(s.weight);
   at::Tensor grad_bias = s.bias.defined() ? at::zeros_like(s.bias) : at::Tensor();
@@ -70,41 +74,75 @@ variable_list differentiable_grads(const at::Tensor& g_lp, const at::Tensor& g_e
   return {gi, grad_weight, grad_bias};
 }
 
+// The node's gradients (input, linear_weight, linear_bias) for the upstream
+// gradients of (log_prob, entropy): the backward kernel op, or with
+// create_graph the differentiable chunk loop. `needed` is the outputs asked
+// for; a frozen head (weight without requires_grad) skips the weight's GEMM.
+variable_list linear_grads(variable_list grads, const Saved& s, std::array<bool, 3> needed, bool create_graph) {
+  at::Tensor g_lp = grads[0];
+  at::Tensor g_ent = grads[1];
+  if (!g_lp.defined() && !g_ent.defined()) {
+    return variable_list(3);
+  }
+  // an output left out of what is differentiated counts as a zero gradient
+  if (!g_lp.defined()) {
+    g_lp = at::zeros_like(g_ent);
+  } else if (!g_ent.defined()) {
+    g_ent = at::zeros_like(g_lp);
+  }
+  variable_list out;
+  if (create_graph) {
+    out = differentiable_grads(g_lp, g_ent, s);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gi, gw, gb] = ops::linear_log_prob_entropy_backward(
+        g_lp, g_ent, s.input, s.weight, s.action, optional_tensor(s.bias), s.lse, s.entropy, s.temperature,
+        s.ignore_index, s.chunk_size, needed);
+    out = {gi, gw, gb};
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    if (!needed[i]) {
+      out[i] = at::Tensor();
+    }
+  }
+  return out;
+}
+
+// Compiled autograd records the node as a call of this function of the
+// upstream gradients and the arguments apply_with_saved packs, in that order.
+variable_list linear_grads_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  torch::dynamo::autograd::PackedArgs packed(args);
+  Saved s;
+  s.input = packed.unpack<at::Tensor>();
+  s.weight = packed.unpack<at::Tensor>();
+  s.bias = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
+  s.action = packed.unpack<at::Tensor>();
+  s.lse = packed.unpack<at::Tensor>();
+  s.entropy = packed.unpack<at::Tensor>();
+  s.temperature = packed.unpack<double>();
+  s.ignore_index = packed.unpack<std::optional<int64_t>>();
+  s.chunk_size = packed.unpack<std::optional<int64_t>>();
+  const auto needed = packed.unpack<std::vector<bool>>();
+  const bool create_graph = packed.unpack<bool>();
+  return linear_grads(grads, s, {needed[0], needed[1], needed[2]}, create_graph);
+}
+
+// The types of what LinearLogProbEntropyBackward::apply_with_saved packs.
+std::vector<at::TypePtr> functional_schema() {
+  const auto tensor = at::TensorType::get();
+  const auto optional_int = at::OptionalType::create(at::IntType::get());
+  return {tensor, tensor, at::OptionalType::create(tensor), tensor, tensor, tensor, at::FloatType::get(),
+          optional_int, optional_int};
+}
+
+CompiledFunctional compiled_functional{
+    "pgext_LinearLogProbEntropyBackward", &linear_grads_functional, &functional_schema, {}};
+
 struct LinearLogProbEntropyBackward final : public torch::autograd::TraceableFunction {
   // Outputs, in next_edges order: input, linear_weight, linear_bias.
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    at::Tensor g_lp = grads[0];
-    at::Tensor g_ent = grads[1];
-    if (!g_lp.defined() && !g_ent.defined()) {
-      return variable_list(3);
-    }
-    // an output left out of what is differentiated counts as a zero gradient
-    if (!g_lp.defined()) {
-      g_lp = at::zeros_like(g_ent);
-    } else if (!g_ent.defined()) {
-      g_ent = at::zeros_like(g_lp);
-    }
-    const Saved s{input_.unpack(), weight_.unpack(),  bias_.unpack(), action_.unpack(),
-                  lse_.unpack(),   entropy_.unpack(getptr()), temperature_, ignore_index_, chunk_size_};
-    variable_list out;
-    if (at::GradMode::is_enabled()) {
-      out = differentiable_grads(g_lp, g_ent, s);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const std::optional<at::Tensor> bias =
-          s.bias.defined() ? std::optional<at::Tensor>(s.bias) : std::nullopt;
-      auto [gi, gw, gb] = ops::linear_log_prob_entropy_backward(
-          g_lp, g_ent, s.input, s.weight, s.action, bias, s.lse, s.entropy, s.temperature, s.ignore_index,
-          s.chunk_size);
-      out = {gi, gw, s.bias.defined() ? gb : at::Tensor()};
-    }
-    for (size_t i = 0; i < 3; ++i) {
-      if (!task_should_compute_output(i)) {
-        out[i] = at::Tensor();
-      }
-    }
-    return out;
+    return linear_grads(std::move(grads), unpack(), needed(), at::GradMode::is_enabled());
   }
 
   std::string name() const override {
@@ -113,14 +151,52 @@ struct LinearLogProbEntropyBackward final : public torch::autograd::TraceableFun
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&input_, &weight_, &bias_, &action_, &lse_, &entropy_}) {
+    for (SavedVariable* v : saved()) {
       v->reset_data();
     }
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&input_, &weight_, &bias_, &action_, &lse_, &entropy_}) {
+      args.collect(*v, /*is_output=*/v == &entropy_);
+    }
+    args.collect(temperature_);
+    args.collect(ignore_index_);
+    args.collect(chunk_size_);
+  }
+
+  variable_list apply_with_saved(
+      const variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return apply_functional(*this, compiled_functional, grads, saved, this->saved(), needed(),
+                            [&](torch::dynamo::autograd::PackedArgs& packed) {
+                              const Saved s = unpack();
+                              packed.pack(s.input);
+                              packed.pack(s.weight);
+                              packed.pack(optional_tensor(s.bias));
+                              packed.pack(s.action);
+                              packed.pack(s.lse);
+                              packed.pack(s.entropy);
+                              packed.pack(s.temperature);
+                              packed.pack(s.ignore_index);
+                              packed.pack(s.chunk_size);
+                            });
   }
 
   SavedVariable input_, weight_, bias_, action_, lse_, entropy_;
   double temperature_ = 1.0;
   std::optional<int64_t> ignore_index_, chunk_size_;
+
+ private:
+  std::array<SavedVariable*, 6> saved() {
+    return {&input_, &weight_, &bias_, &action_, &lse_, &entropy_};
+  }
+  Saved unpack() {
+    return {input_.unpack(), weight_.unpack(), bias_.unpack(), action_.unpack(),
+            lse_.unpack(),   entropy_.unpack(getptr()), temperature_, ignore_index_, chunk_size_};
+  }
+  std::array<bool, 3> needed() const {
+    return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  }
 };
 
 void check_dense_inputs(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& action,

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -179,14 +180,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     const at::Tensor& entropy,
     double temperature,
     std::optional<int64_t> ignore_index,
-    std::optional<int64_t> chunk_size) {
+    std::optional<int64_t> chunk_size,
+    std::array<bool, 3> output_mask) {
   check_linear_inputs(input, linear_weight, action, linear_bias, temperature, chunk_size);
   check_linear_backward_inputs(grad_log_prob, grad_entropy, lse, entropy, action);
   const Flat f = flatten(input, linear_weight, action, ignore_index, chunk_size);
   const int64_t V = linear_weight.size(0);
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
+  const bool want_input = output_mask[0];
+  const bool want_weight = output_mask[1];
+  const bool want_bias = output_mask[2] && bias.defined();
   const auto dtype = input.scalar_type();
   const auto acc = acc_type(dtype);
+  // a gradient not asked for: shape (0,), and none of its work is done
+  const auto none = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = want_input ? at::zeros({f.rows, linear_weight.size(1)}, input.options().dtype(acc)) : none();
+  at::Tensor grad_weight = want_weight ? at::empty(linear_weight.sizes(), linear_weight.options()) : none();
+  at::Tensor grad_bias = want_bias ? at::empty(bias.sizes(), bias.options()) : none();
+  if (!want_input && !want_weight && !want_bias) {
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor g_lp = grad_log_prob.reshape({f.rows}).to(acc);
   const at::Tensor g_ent = grad_entropy.reshape({f.rows}).to(acc);
   const at::Tensor row_lse = lse.reshape({f.rows}).to(at::kDouble);
@@ -198,15 +211,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   // grad_input sums over every class slice: in float32 for half types. Each
   // class slice of the weight's gradient is written once, summed over the
   // row tiles (in float32 for half types) only when there are several.
-  at::Tensor grad_input = at::zeros({f.rows, linear_weight.size(1)}, input.options().dtype(acc));
-  at::Tensor grad_weight = at::empty(linear_weight.sizes(), linear_weight.options());
-  at::Tensor grad_bias = bias.defined() ? at::empty(bias.sizes(), bias.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
     const int64_t cn = std::min(f.tiles.classes, V - c0);
     const at::Tensor w = linear_weight.narrow(0, c0, cn);
     const at::Tensor b = bias.defined() ? bias.narrow(0, c0, cn) : bias;
-    at::Tensor gw = one_row_tile ? grad_weight.narrow(0, c0, cn) : at::zeros({cn, w.size(1)}, w.options().dtype(acc));
-    at::Tensor gb = b.defined() ? at::zeros({cn}, b.options().dtype(acc)) : at::Tensor();
+    at::Tensor gw;
+    if (want_weight) {
+      gw = one_row_tile ? grad_weight.narrow(0, c0, cn) : at::zeros({cn, w.size(1)}, w.options().dtype(acc));
+    }
+    at::Tensor gb = want_bias ? at::zeros({cn}, b.options().dtype(acc)) : at::Tensor();
     for (int64_t r0 = 0; r0 < f.rows; r0 += f.tiles.rows) {
       const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
       const at::Tensor x = f.x.narrow(0, r0, rn);
@@ -216,41 +229,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
           g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), z, f.action.narrow(0, r0, rn), minus_one,
           keep.has_value() ? std::optional<at::Tensor>(keep->narrow(0, r0, rn)) : std::nullopt,
           row_lse.narrow(0, r0, rn), row_entropy.narrow(0, r0, rn), "none", c0, 1.0);
-      at::Tensor gi = grad_input.narrow(0, r0, rn);
-      if (acc == dtype) {
-        gi.addmm_(g, w, /*beta=*/1, /*alpha=*/inv_t);
-      } else {
-        gi.add_(at::mm(g, w), inv_t);
-      }
-      if (one_row_tile) {
-        at::mm_out(gw, g.t(), x);
-        if (inv_t != 1.0) {
-          gw.mul_(inv_t);
+      if (want_input) {
+        at::Tensor gi = grad_input.narrow(0, r0, rn);
+        if (acc == dtype) {
+          gi.addmm_(g, w, /*beta=*/1, /*alpha=*/inv_t);
+        } else {
+          gi.add_(at::mm(g, w), inv_t);
         }
-      } else if (acc == dtype) {
-        gw.addmm_(g.t(), x, /*beta=*/1, /*alpha=*/inv_t);
-      } else {
-        gw.add_(at::mm(g.t(), x), inv_t);
       }
-      if (gb.defined()) {
+      if (want_weight) {
+        if (one_row_tile) {
+          at::mm_out(gw, g.t(), x);
+          if (inv_t != 1.0) {
+            gw.mul_(inv_t);
+          }
+        } else if (acc == dtype) {
+          gw.addmm_(g.t(), x, /*beta=*/1, /*alpha=*/inv_t);
+        } else {
+          gw.add_(at::mm(g.t(), x), inv_t);
+        }
+      }
+      if (want_bias) {
         gb.add_(g.sum(0, /*keepdim=*/false, acc), inv_t);
       }
     }
-    if (!one_row_tile) {
+    if (want_weight && !one_row_tile) {
       grad_weight.narrow(0, c0, cn).copy_(gw);
     }
-    if (gb.defined()) {
+    if (want_bias) {
       grad_bias.narrow(0, c0, cn).copy_(gb);
     }
   }
   if (f.rows == 0) {  // no row tile ran: the class slices were never written
-    grad_weight.zero_();
-    if (grad_bias.defined()) {
-      grad_bias.zero_();
+    for (at::Tensor* t : {&grad_weight, &grad_bias}) {
+      t->zero_();
     }
   }
-  return {grad_input.to(dtype).view(input.sizes()), grad_weight,
-          grad_bias.defined() ? grad_bias : at::empty({0}, input.options())};
+  if (want_input) {
+    grad_input = grad_input.to(dtype).view(input.sizes());
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -14,10 +14,8 @@
 
 namespace pgext {
 
-int64_t linear_chunk_rows(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype) {
-  int64_t chunk = chunk_size.has_value()
-      ? *chunk_size
-      : kLinearChunkBytes / (std::max<int64_t>(V, 1) * static_cast<int64_t>(c10::elementSize(dtype)));
+int64_t linear_chunk_rows(int64_t rows, int64_t V, at::ScalarType dtype) {
+  const int64_t chunk = kLinearChunkBytes / (std::max<int64_t>(V, 1) * static_cast<int64_t>(c10::elementSize(dtype)));
   return std::max<int64_t>(1, std::min(chunk, rows));
 }
 
@@ -139,14 +137,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_meta(
     const at::Tensor& entropy,
     double temperature,
     std::optional<int64_t> /*ignore_index*/,
-    std::optional<int64_t> chunk_size) {
+    std::optional<int64_t> chunk_size,
+    std::array<bool, 3> output_mask) {
   check_linear_inputs(input, linear_weight, action, linear_bias, temperature, chunk_size);
   check_linear_backward_inputs(grad_log_prob, grad_entropy, lse, entropy, action);
   const bool has_bias = linear_bias.has_value() && linear_bias->defined();
-  return {at::empty_symint(input.sym_sizes(), input.options()),
-          at::empty_symint(linear_weight.sym_sizes(), linear_weight.options()),
-          has_bias ? at::empty_symint(linear_bias->sym_sizes(), linear_bias->options())
-                   : at::empty({0}, input.options())};
+  const at::Tensor none = at::empty({0}, input.options());
+  return {output_mask[0] ? at::empty_symint(input.sym_sizes(), input.options()) : none,
+          output_mask[1] ? at::empty_symint(linear_weight.sym_sizes(), linear_weight.options()) : none.clone(),
+          has_bias && output_mask[2] ? at::empty_symint(linear_bias->sym_sizes(), linear_bias->options())
+                                     : none.clone()};
 }
 
 }  // namespace
