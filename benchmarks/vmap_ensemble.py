@@ -1,4 +1,4 @@
-"""What the vmap batching rules (pgext/_vmap.py) buy: ``vmap(grad(step))``
+"""What the vmap batching rules (pgext/ops/vmap.py) buy: ``vmap(grad(step))``
 and ``vmap(step)`` over E policies' logits on one batch, with the rules and
 with PyTorch's per-entry fallback (which the rules replace; it warns and calls
 the ops once per entry). The rules' cost is mostly PyTorch's fixed price of a
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch.func import grad, vmap  # noqa: E402
 
 import pgext  # noqa: E402
-from pgext import _vmap  # noqa: E402
+from pgext.ops import vmap as _vmap  # noqa: E402
 
 CASES = "4x64x18,16x256x18,64x64x18,256x16x6,4x2048x1000"
 

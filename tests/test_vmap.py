@@ -1,7 +1,7 @@
 """torch.func.vmap over pgext: batching rules (pgext/ops/vmap.py) instead of
 PyTorch's per-entry fallback. Every vmapped result is compared with a Python
-loop over the batch entries, and any warning (the fallback's "performance
-drop") fails the test."""
+loop over the batch entries; the fallback is turned off (an op without a rule
+raises) and its "performance drop" warning fails the test."""
 from __future__ import annotations
 
 import warnings
@@ -56,9 +56,17 @@ def vmap_inputs(layout, dtype, shape=(4, 5), n=7, seed=0):
 
 @pytest.fixture(autouse=True)
 def no_fallback():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*performance drop.*")
-        yield
+    # the fallback's warning reaches Python only sometimes: where C++ calls
+    # the op (ppo_surrogate's autograd its forward op) it goes to stderr. So
+    # the fallback itself is turned off, and an op without a rule raises
+    enabled = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*performance drop.*")
+            yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(enabled)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -221,3 +229,212 @@ def test_gradient_of_a_vmapped_loss(reduction):
 
     assert_close(grad(vmapped)(inp.logit), grad(looped)(inp.logit), rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(vmapped, (inp.logit.clone().requires_grad_(),))
+
+
+# ppo_surrogate: log_prob, old_log_prob, entropy, adv, weight, all of one shape
+SURROGATE_LAYOUTS = {
+    "all": (0, 0, 0, 0, 0),
+    "log_prob_only": (0, None, None, None, None),  # an ensemble of policies on one batch
+    "moved_dims": (1, 0, None, 1, 0),
+    "adv_only": (None, None, None, 0, None),
+}
+SURROGATE = torch.ops.pgext.ppo_surrogate
+SURROGATE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}
+
+
+def surrogate_inputs(layout, dtype, weighted, shape=(4, 6), seed=10):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(shape, generator=g, dtype=dtype) * 3
+    old = lp + 0.4 * torch.randn(shape, generator=g, dtype=dtype)  # ratios on both sides of the clip
+    ent = torch.rand(shape, generator=g, dtype=dtype)
+    adv = torch.randn(shape, generator=g, dtype=dtype)
+    w = torch.rand(shape, generator=g, dtype=dtype) if weighted else None
+    dims = SURROGATE_LAYOUTS[layout][:4] + ((SURROGATE_LAYOUTS[layout][4],) if weighted else (None,))
+    args = [None if t is None else t if d is None else batched(t, d) for t, d in zip((lp, old, ent, adv, w), dims)]
+    return args, dims
+
+
+def assert_surrogate_close(got, want, dtype):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # the same per-sample terms, summed in float64 in another order (and
+        # their exp ATen's rather than the kernel's: a last bit in float32)
+        tol = SURROGATE_TOL[dtype]
+        assert_close(g, w, scale=w.abs().max().clamp(min=1), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("layout", SURROGATE_LAYOUTS)
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_surrogate_matches_a_loop(dtype, weighted, dual_clip, layout):
+    """All four results, approx_kl and clipfrac included, are one per entry."""
+    args, dims = surrogate_inputs(layout, dtype, weighted)
+
+    def fn(lp, old, ent, adv, w):
+        return tuple(SURROGATE(lp, old, ent, adv, w, 0.2, dual_clip))
+
+    got = vmap(fn, in_dims=dims)(*args)
+    want = loop(fn, dims, *args)
+    assert want[3].dtype == torch.float32 and want[3].shape == (ENTRIES,)
+    assert_surrogate_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("layout", SURROGATE_LAYOUTS)
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_surrogate_gradients_match_a_loop(dtype, weighted, dual_clip, layout):
+    """vmap(grad): the op's C++ autograd runs inside vmap, so its forward
+    kernel op is the one batched; its derivatives are rescaled from the
+    batch's sample count to an entry's."""
+    args, dims = surrogate_inputs(layout, dtype, weighted)
+
+    def total(lp, ent, old, adv, w):
+        policy, entropy, *_ = SURROGATE(lp, old, ent, adv, w, 0.2, dual_clip)
+        return policy - 0.01 * entropy
+
+    grads = grad(total, argnums=(0, 1))
+    order = (0, 2, 1, 3, 4)
+    odims = tuple(dims[i] for i in order)
+    got = vmap(grads, in_dims=odims)(*(args[i] for i in order))
+    want = loop(grads, odims, *(args[i] for i in order))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # the kernel's derivatives over the whole batch, times the entries: a last bit
+        tol = SURROGATE_TOL[dtype]
+        assert_close(g, w, scale=w.abs().max(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_surrogate_forward_kernel_op_matches_a_loop(dtype, dual_clip):
+    """The per-sample derivatives too, which functorch's autograd (always
+    create_graph) recomputes for log_prob rather than reads."""
+    for layout in SURROGATE_LAYOUTS:
+        args, dims = surrogate_inputs(layout, dtype, True)
+
+        def fn(*a):
+            return tuple(torch.ops.pgext.ppo_surrogate_forward(*a, 0.2, dual_clip))
+
+        got = vmap(fn, in_dims=dims)(*args)
+        want = loop(fn, dims, *args)
+        assert len(got) == 6
+        assert_surrogate_close(got, want, dtype)
+
+
+def test_surrogate_ensemble_is_one_kernel_call():
+    args, dims = surrogate_inputs("log_prob_only", torch.float32, True, shape=(64,))
+    calls = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "pgext":
+                calls.append((str(func), tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    def policy(lp, old, ent, adv, w):
+        return SURROGATE(lp, old, ent, adv, w)[0]
+
+    with Count():
+        vmap(grad(policy), in_dims=dims)(*args)
+    assert calls == [("pgext.ppo_surrogate_forward.default", (ENTRIES, 64))]
+
+
+@pytest.mark.parametrize("logit_old_kind", ["logits", "log_probs"])
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_ppo_policy_error_per_sample_gradients(dtype, dual_clip, logit_old_kind):
+    """vmap(grad) through pgext.ppo_policy_error (mean over the samples): an
+    ensemble of policies on one batch, its losses and info per policy."""
+    inp = make_inputs((8,), 5, dtype, seed=11, weight=True)
+    logits = batched(inp.logit, 0)
+    old = inp.logit + 0.3 * torch.randn(inp.logit.shape, generator=torch.Generator().manual_seed(12), dtype=dtype)
+    if logit_old_kind == "log_probs":
+        old = torch.log_softmax(old, -1).gather(-1, inp.action.unsqueeze(-1)).squeeze(-1)
+    adv = inp.return_
+
+    def step(logit):
+        loss, info = pgext.ppo_policy_error(pgext.ppo_policy_data(logit, old, inp.action, adv, inp.weight),
+                                            dual_clip=dual_clip)
+        return loss.policy_loss - 0.01 * loss.entropy_loss, (loss.policy_loss, loss.entropy_loss, *info)
+
+    got_grad, got_aux = vmap(grad(step, has_aux=True))(logits)
+    results = [grad(step, has_aux=True)(logits[i]) for i in range(ENTRIES)]
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    want_grad = torch.stack([r[0] for r in results])
+    assert_close(got_grad, want_grad, scale=want_grad.abs().max(), rtol=tol, atol=tol)
+    want_aux = [torch.stack(parts) for parts in zip(*(r[1] for r in results))]
+    assert_surrogate_close(got_aux, want_aux, dtype)
+
+
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+def test_gradient_of_a_vmapped_surrogate(dual_clip):
+    """grad(vmap): the rule's ATen ops are differentiated, in every input as
+    the op's eager fallback is; approx_kl and clipfrac have no gradient."""
+    args, dims = surrogate_inputs("all", torch.float64, True)
+
+    def vmapped(lp, old, ent, adv, w):
+        policy, entropy, kl, clipfrac = vmap(lambda *a: SURROGATE(*a, 0.2, dual_clip))(lp, old, ent, adv, w)
+        assert not kl.requires_grad and not clipfrac.requires_grad
+        return (policy - 0.3 * entropy).sum()
+
+    def looped(lp, old, ent, adv, w):
+        terms = [SURROGATE(lp[i], old[i], ent[i], adv[i], w[i], 0.2, dual_clip) for i in range(ENTRIES)]
+        return sum(p - 0.3 * e for p, e, *_ in terms)
+
+    argnums = tuple(range(5))
+    for g, w in zip(grad(vmapped, argnums)(*args), grad(looped, argnums)(*args)):
+        assert_close(g, w, scale=w.abs().max(), rtol=1e-12, atol=1e-12)
+    leaves = [a.clone().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(vmapped, tuple(leaves))
+
+
+def test_surrogate_nested_vmap_jacobians_and_hessian():
+    args, _ = surrogate_inputs("all", torch.float64, True, shape=(2, 5))
+    got = vmap(vmap(SURROGATE))(*args)
+    for k in range(4):
+        want = torch.stack([torch.stack([SURROGATE(*(a[i, j] for a in args))[k] for j in range(2)])
+                            for i in range(ENTRIES)])
+        assert_close(got[k], want, rtol=1e-12, atol=1e-15)
+    lp, old, ent, adv, w = (a[0, 0] for a in args)
+
+    def losses_of(x, fn):
+        return torch.stack(tuple(fn(x, old, ent, adv, w, 0.2, 2.0))[:2])
+
+    want = torch.autograd.functional.jacobian(lambda x: losses_of(x, pgext.reference.eager_surrogate), lp)
+    for transform in (jacrev, jacfwd):
+        assert_close(transform(lambda x: losses_of(x, SURROGATE))(lp), want, rtol=1e-12, atol=1e-15)
+    got = torch.func.hessian(lambda x: losses_of(x, SURROGATE)[0])(lp)
+    want = torch.autograd.functional.hessian(lambda x: losses_of(x, pgext.reference.eager_surrogate)[0], lp)
+    assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_zero_dim_samples_per_entry():
+    """vmap over a 1-D batch: each entry has one 0-d sample, whose mean is
+    itself (not the batch's)."""
+    args, _ = surrogate_inputs("all", torch.float64, True, shape=(ENTRIES,))
+    dims = (0,) * 5
+    got = vmap(lambda *a: tuple(SURROGATE(*a)))(*args)
+    want = loop(lambda *a: tuple(SURROGATE(*a)), dims, *args)
+    assert_surrogate_close(got, want, torch.float64)
+    inp = make_inputs((ENTRIES,), 5, torch.float64, seed=13)
+    for reduction in REDUCTIONS:
+        fn = lambda x, a, r: losses(x, a, r, reduction=reduction)  # noqa: E731
+        got = vmap(fn)(inp.logit, inp.action, inp.return_)
+        want = loop(fn, (0, 0, 0), inp.logit, inp.action, inp.return_)
+        for g, w in zip(got, want):
+            assert_close(g, w, rtol=1e-12, atol=0)
+
+
+def test_bad_surrogate_input_raises_under_vmap():
+    args, _ = surrogate_inputs("all", torch.float32, True)
+    lp, old, ent, adv, w = args
+    with pytest.raises(ValueError, match="adv must have log_prob's shape"):
+        vmap(SURROGATE, in_dims=(0, 0, 0, None, 0))(lp, old, ent, adv[0, :3], w)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        vmap(lambda *a: SURROGATE(*a, -0.1))(lp, old, ent, adv, w)
+    with pytest.raises(ValueError, match="dual_clip"):
+        vmap(lambda *a: SURROGATE(*a, 0.2, 1.0))(lp, old, ent, adv, w)
+    with pytest.raises(TypeError, match="weight must be float"):
+        vmap(SURROGATE)(lp, old, ent, adv, (w > 0.5).int())

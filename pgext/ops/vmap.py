@@ -15,10 +15,26 @@ order differs from one op call per entry. The backward ops map 'mean' and
 'sum' to 'none' with the upstream gradient of each entry spread over its
 samples (divided by the count for 'mean').
 
+ppo_surrogate has no reduction 'none': its kernel returns only means over all
+samples. Its rule forms the per-sample terms with ATen ops as the CPU kernel
+does (accumulation dtype, float64 sums, rounded once) and takes one mean of
+each per entry, approx_kl and clipfrac included; autograd differentiates those
+ops, which follow the same conventions as the op's own gradients. Under
+``vmap(grad(f))`` the op's C++ autograd runs inside vmap and calls
+ppo_surrogate_forward, whose rule makes one kernel call on the whole batch for
+the per-sample derivatives.
+
+The fused output layer (linear_log_prob_entropy) batches in one call where
+the layer is shared by the entries (the vmapped dimension is one more leading
+dimension of input and action). A layer per entry, or a weight or bias
+gradient per entry, is one call per entry: each is a vocabulary-sized GEMM,
+so the loop costs nothing measurable.
+
 Registered on import of pgext, for the installed and the JIT-loaded library.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,7 +79,8 @@ def _at_least(t, dtype):
 
 def _reduce(rows, reduction, count, dtype):
     """Per-entry sum (or mean) of rows (B, *samples), in float64, rounded to dtype."""
-    total = rows.sum(dim=tuple(range(1, rows.dim())), dtype=torch.float64)
+    # flattened first: sum(dim=()) of entries of 0-d samples would sum over the batch too
+    total = rows.reshape(rows.shape[0], math.prod(rows.shape[1:])).sum(dim=1, dtype=torch.float64)
     if reduction == "mean":
         total = total / count  # 0 / 0 = NaN: the mean of no samples
     return total.to(dtype)
@@ -137,6 +154,53 @@ def _pg_row_stats(info, in_dims, logit, action, vocab_start=0, temperature=1.0):
     return tuple(torch.ops.pgext.pg_row_stats(logit, action, vocab_start, temperature)), (0, 0, 0, 0)
 
 
+def _surrogate_means(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip):
+    """ppo_surrogate's four results per entry (B,), from inputs (B, *samples).
+    Its kernel returns only means over all samples, so the per-sample terms
+    are ATen ops here, formed as the CPU kernel forms them (in the
+    accumulation dtype, summed in float64, rounded once): DI-engine's formula,
+    whose autograd is the op's (the fused gradients follow it, ties included)."""
+    tensors = (log_prob, old_log_prob, entropy, adv) + (() if weight is None else (weight,))
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    acc = _acc_dtype(dtype)
+    lp, old, ent, a = (t.to(acc) for t in tensors[:4])
+    ratio = torch.exp(lp - old)
+    lo, hi = 1.0 - clip_ratio, 1.0 + clip_ratio
+    objective = torch.minimum(ratio * a, ratio.clamp(lo, hi) * a)
+    if dual_clip is not None:
+        objective = torch.where(a < 0, torch.maximum(objective, dual_clip * a), objective)
+    policy = -objective
+    if weight is not None:
+        w = weight.to(acc)
+        policy, ent = policy * w, ent * w
+    count = _samples_per_entry(log_prob)
+    # approx_kl and clipfrac are statistics, without gradient in the op too
+    with torch.no_grad():
+        approx_kl = _reduce(old - lp, "mean", count, dtype)
+        clipfrac = _reduce((ratio > hi) | (ratio < lo), "mean", count, torch.float32)
+    return _reduce(policy, "mean", count, dtype), _reduce(ent, "mean", count, dtype), approx_kl, clipfrac
+
+
+def _ppo_surrogate(info, in_dims, log_prob, old_log_prob, entropy, adv, weight=None, clip_ratio=0.2,
+                   dual_clip=None):
+    tensors = _fronts(info, in_dims, (log_prob, old_log_prob, entropy, adv, weight))
+    # the op's own checks (shapes, dtypes, devices, clip bounds) and messages,
+    # on no entry: the ATen ops below would broadcast or raise other errors
+    with torch.no_grad():
+        torch.ops.pgext.ppo_surrogate(*(None if t is None else t[:0] for t in tensors), clip_ratio, dual_clip)
+    return _surrogate_means(*tensors, clip_ratio, dual_clip), (0, 0, 0, 0)
+
+
+def _ppo_surrogate_forward(info, in_dims, log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip):
+    tensors = _fronts(info, in_dims, (log_prob, old_log_prob, entropy, adv, weight))
+    *_, grad_log_prob, grad_entropy = torch.ops.pgext.ppo_surrogate_forward(*tensors, clip_ratio, dual_clip)
+    # the kernel divides each sample's derivative by the whole batch's sample
+    # count; an entry's mean divides by its own
+    scale = info.batch_size
+    return (*_surrogate_means(*tensors, clip_ratio, dual_clip), grad_log_prob * scale,
+            grad_entropy * scale), (0,) * 6
+
+
 def _per_entry(op, info, in_dims, args):
     """op once per batch entry, outputs stacked: for calls one op call
     cannot batch (a linear_weight per entry; per-entry weight gradients).
@@ -202,12 +266,12 @@ def register() -> None:
         "pg_error_backward": _pg_error_backward,
         "pg_row_stats": _pg_row_stats,
         "pg_grad_from_stats": _pg_grad_from_stats,
-    }
-    rules.update({
+        "ppo_surrogate": _ppo_surrogate,
+        "ppo_surrogate_forward": _ppo_surrogate_forward,
         "linear_log_prob_entropy": _linear_rule(torch.ops.pgext.linear_log_prob_entropy, 2),
         "linear_log_prob_entropy_forward": _linear_rule(torch.ops.pgext.linear_log_prob_entropy_forward, 3),
         "linear_log_prob_entropy_backward": _linear_backward,
-    })
+    }
     _LIB = torch.library.Library("pgext", "FRAGMENT")
     for name, rule in rules.items():
         torch.library.register_vmap(f"pgext::{name}", rule, lib=_LIB)
