@@ -1,6 +1,7 @@
-"""The output layer fused in: ``linear_log_prob_entropy`` and ``linear_pg_error``.
+"""The output layer fused in: ``linear_log_prob_entropy``, the op wrapper
+(``pgext.losses.linear_policy_gradient`` builds ``linear_pg_error`` on it).
 
-Both run the dispatcher ops ``torch.ops.pgext.linear_*`` (C++ tile loops,
+It runs the dispatcher ops ``torch.ops.pgext.linear_*`` (C++ tile loops,
 C++ autograd, Meta kernels): the ``(tokens, V)`` logits of
 ``input @ linear_weight.T + linear_bias`` are formed a class slice (and, for many
 rows, a row tile) at a time and never exist in full, forward or backward (docs/fused-head.md).
@@ -14,11 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._types import pg_loss
-
-__all__ = ["linear_log_prob_entropy", "linear_pg_error"]
-
-_REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["linear_log_prob_entropy"]
 
 
 def _check_tensors(op, **tensors):
@@ -90,30 +87,3 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
     temperature, chunk_size = _check_options(op, temperature, chunk_size)
     return torch.ops.pgext.linear_log_prob_entropy(input, linear_weight, action, linear_bias, temperature,
                                                    ignore_index, chunk_size)
-
-
-def linear_pg_error(input: torch.Tensor, linear_weight: torch.Tensor, action: torch.Tensor, return_: torch.Tensor,
-                    *, linear_bias: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                    reduction: str = "mean", temperature: float = 1.0, chunk_size: Optional[int] = None) -> pg_loss:
-    """``pgext.pg_error(pg_data(F.linear(input, linear_weight, linear_bias) / temperature, action, return_))``
-    without the logits.
-
-    ``policy_loss = -(return_ * log_prob) * weight`` and ``entropy_loss =
-    entropy * weight``, reduced by ``reduction`` ('mean' over samples, 'sum'
-    or 'none'). return_ and weight have the actions' shape or broadcast to it
-    without changing it, and get gradients. Unlike ``pg_error``, samples of
-    weight 0 are range-checked like any other. Other arguments as
-    :func:`linear_log_prob_entropy`.
-    """
-    op = "linear_pg_error"
-    _check_tensors(op, input=input, linear_weight=linear_weight, action=action, return_=return_,
-                   linear_bias=linear_bias, weight=weight)
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("action", action), ("return_", return_)):
-        if t is None:
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got NoneType")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    temperature, chunk_size = _check_options(op, temperature, chunk_size)
-    policy_loss, entropy_loss = torch.ops.pgext.linear_pg_error(
-        input, linear_weight, action, return_, linear_bias, weight, reduction, temperature, chunk_size)
-    return pg_loss(policy_loss, entropy_loss)
