@@ -111,9 +111,9 @@ def test_empty_input():
 
 
 def test_many_rows_are_tiled():
-    # beyond 32 MiB / (256 classes * 4 bytes) rows the rows are tiled too:
+    # beyond 8 MiB / (256 classes * 4 bytes) rows the rows are tiled too:
     # two row tiles, a full 256-class slice and a ragged one
-    rows = (32 << 20) // (256 * 4) + 5
+    rows = (8 << 20) // (256 * 4) + 5
     x, w, b, a = _inputs((rows,), 4, 300, torch.float32, seed=9, pad=-100)
     up = _ups((rows,), "both")
     out, grads = _grads(fused, x, w, b, a, up, ignore_index=-100)

@@ -24,8 +24,10 @@ int64_t linear_chunk_rows(int64_t rows, int64_t V, at::ScalarType dtype);
 // the rows, at least kLinearMinSliceClasses), and row tiles of `rows` rows,
 // fewer than all only when the rows are so many that a slice of
 // kLinearMinSliceClasses classes would exceed the budget. Small slices stay
-// in cache between the GEMM that forms them and the row kernel that reads them.
-constexpr int64_t kLinearSliceBytes = int64_t{32} << 20;
+// in cache between the GEMM that forms them and the row kernel that reads
+// them: at 1024 x 151936 (H = 896) slices of 8 to 64 MiB took the same time
+// or more (docs/fused-head.md), and peak memory grows with the slice.
+constexpr int64_t kLinearSliceBytes = int64_t{8} << 20;
 constexpr int64_t kLinearMinSliceClasses = 256;
 
 struct LinearTiles {
