@@ -133,3 +133,22 @@ def test_token_level_ppo_example_runs_and_matches():
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "padded tokens' gradients all 0: yes" in proc.stdout, proc.stdout[-3000:]
     assert "pgext and the composition agree: yes" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_token_level_ppo_example_fused_head_runs_and_matches():
+    """examples/token_level_ppo.py --fused-head at a small size: linear_log_prob_entropy and
+    F.linear then log_prob_entropy agree (log_prob, entropy, loss, gradients to the hidden states,
+    the weight and the bias) and padding gets no gradient."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "token_level_ppo.py"), "--fused-head", "--bias", "--vocab", "700",
+         "--hidden", "64", "--batch", "4", "--group", "2", "--seq", "16", "--repeats", "1"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "padded tokens' hidden gradients all 0: yes" in proc.stdout, proc.stdout[-3000:]
+    assert "fused and unfused agree: yes" in proc.stdout, proc.stdout[-3000:]
+    assert "gradients for the same upstream gradients: hidden" in proc.stdout, proc.stdout[-3000:]
