@@ -79,12 +79,22 @@ void check_actions(const Flat& f, int64_t V) {
 
 // (x W^T + b) / T for one tile, the temperature folded into the GEMM: no
 // second pass over the logits and no rounding of the untempered ones.
-at::Tensor tile_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double inv_t) {
+// Written into the front of `buffer` (one tile's worth, allocated once per
+// call): a fresh tile per GEMM would fault its pages in again each time,
+// and with THP_MEM_ALLOC_ENABLE=1 (huge pages zeroed on every allocation)
+// that cost grows with the number of slices.
+at::Tensor tile_logits(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double inv_t, const at::Tensor& buffer) {
+  at::Tensor z = buffer.narrow(0, 0, x.size(0) * w.size(0)).view({x.size(0), w.size(0)});
   if (b.defined()) {
-    return at::addmm(b, x, w.t(), /*beta=*/inv_t, /*alpha=*/inv_t);
+    return at::addmm_out(z, b, x, w.t(), /*beta=*/inv_t, /*alpha=*/inv_t);
   }
-  at::Tensor z = at::mm(x, w.t());
+  at::mm_out(z, x, w.t());
   return inv_t == 1.0 ? z : z.mul_(inv_t);
+}
+
+at::Tensor tile_buffer(const Flat& f, const at::Tensor& input) {
+  return at::empty({std::min(f.tiles.rows, f.rows) * f.tiles.classes}, input.options());
 }
 
 // The running statistics of one row tile over the class slices seen so far,
@@ -136,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
   at::Tensor entropy = at::empty({f.rows}, acc);
   at::Tensor lse = at::empty({f.rows}, input.options().dtype(at::kDouble));
   const double inv_t = 1.0 / temperature;
+  const at::Tensor buffer = tile_buffer(f, input);
   for (int64_t r0 = 0; r0 < f.rows; r0 += f.tiles.rows) {
     const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
     const at::Tensor x = f.x.narrow(0, r0, rn);
@@ -144,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
       const int64_t cn = std::min(f.tiles.classes, V - c0);
       const at::Tensor z = tile_logits(
-          x, linear_weight.narrow(0, c0, cn), bias.defined() ? bias.narrow(0, c0, cn) : bias, inv_t);
+          x, linear_weight.narrow(0, c0, cn), bias.defined() ? bias.narrow(0, c0, cn) : bias, inv_t, buffer);
       // the action's logit is 0 where the action lies in another slice, and
       // ignored rows' actions are never read as indices
       auto [m, s, q, xa] = ops::pg_row_stats(z, a, c0, 1.0);
@@ -208,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const std::optional<at::Tensor> keep = f.keep.defined() ? std::optional<at::Tensor>(f.keep) : std::nullopt;
   const double inv_t = 1.0 / temperature;
   const bool one_row_tile = f.tiles.rows >= f.rows;
+  const at::Tensor buffer = tile_buffer(f, input);
   // grad_input sums over every class slice: in float32 for half types. Each
   // class slice of the weight's gradient is written once, summed over the
   // row tiles (in float32 for half types) only when there are several.
@@ -223,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     for (int64_t r0 = 0; r0 < f.rows; r0 += f.tiles.rows) {
       const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
       const at::Tensor x = f.x.narrow(0, r0, rn);
-      const at::Tensor z = tile_logits(x, w, b, inv_t);
+      const at::Tensor z = tile_logits(x, w, b, inv_t, buffer);
       // d loss / d logits of the tempered logits, in their dtype; 0 on ignored rows
       const at::Tensor g = ops::pg_grad_from_stats(
           g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), z, f.action.narrow(0, r0, rn), minus_one,
