@@ -453,3 +453,31 @@ def run_with_upstream(fn, logit, action, ups, **kw):
     pairs = [(o, u) for o, u in zip(out, ups) if u is not None]
     grad, = torch.autograd.grad([o for o, _ in pairs], [x], [u.to(o.dtype) for o, u in pairs])
     return [o.detach() for o in out], grad
+
+
+def ppo_surrogate_inputs(shape, seed, dtype=torch.float64, weighted=True):
+    """(log_prob, old_log_prob, entropy, adv, weight) of `shape` for
+    ppo_surrogate: ratios on both sides of the clip; weight None unless
+    weighted."""
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(shape, generator=g, dtype=dtype) * 3
+    old = lp + 0.4 * torch.randn(shape, generator=g, dtype=dtype)
+    ent = torch.rand(shape, generator=g, dtype=dtype)
+    adv = torch.randn(shape, generator=g, dtype=dtype)
+    w = torch.rand(shape, generator=g, dtype=dtype) if weighted else None
+    return lp, old, ent, adv, w
+
+
+def compiled_autograd_captures(loss) -> int:
+    """Runs loss.backward() under compiled autograd (aot_eager) from a clean
+    dynamo state, and returns how many graphs compiled autograd captured."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(compiled_autograd=True):
+            torch.compile(lambda: loss.backward(), backend="aot_eager")()
+        return counters["compiled_autograd"]["captures"]
+    finally:
+        torch._dynamo.reset()

@@ -16,6 +16,7 @@ import pgext
 from conftest import (
     REDUCTIONS,
     assert_close,
+    compiled_autograd_captures,
     dtype_id,
     evaluate,
     kernel_library,
@@ -182,8 +183,6 @@ def test_compiled_autograd(dynamo_reset, reduction, weighted):
     built eagerly: pgext's backward node is recorded as a call of its
     functional form (compiled_args, apply_with_saved), which gives the eager
     gradients bit for bit. It raised NotImplementedError before."""
-    from torch._dynamo.utils import counters
-
     inp = make_inputs((6,), 9, seed=307, weight=weighted, mask=0.2)
     leaves = [inp.logit.clone().requires_grad_(), inp.return_.clone().requires_grad_()]
     if weighted:
@@ -196,10 +195,7 @@ def test_compiled_autograd(dynamo_reset, reduction, weighted):
 
     want = torch.autograd.grad(total(), leaves)
     loss = total()
-    counters.clear()
-    with torch._dynamo.config.patch(compiled_autograd=True):
-        torch.compile(lambda: loss.backward(), backend="aot_eager")()
-    assert counters["compiled_autograd"]["captures"] == 1
+    assert compiled_autograd_captures(loss) == 1
     for leaf, g in zip(leaves, want):
         assert torch.equal(leaf.grad, g)
 

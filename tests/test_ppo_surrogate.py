@@ -9,19 +9,10 @@ import pytest
 import torch
 
 import pgext
+from conftest import compiled_autograd_captures, ppo_surrogate_inputs
 from pgext.reference import eager_surrogate
 
 OP = torch.ops.pgext.ppo_surrogate
-
-
-def _inputs(n, seed, dtype=torch.float64, weighted=True):
-    g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(n, generator=g, dtype=dtype) * 3
-    old = lp + 0.4 * torch.randn(n, generator=g, dtype=dtype)  # ratios on both sides of the clip
-    ent = torch.rand(n, generator=g, dtype=dtype)
-    adv = torch.randn(n, generator=g, dtype=dtype)
-    w = torch.rand(n, generator=g, dtype=dtype) if weighted else None
-    return lp, old, ent, adv, w
 
 
 def _grads(fn, lp, ent, *rest):
@@ -36,7 +27,7 @@ def _grads(fn, lp, ent, *rest):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("n", [1, 64, 1000])
 def test_values_and_gradients_match_eager(n, weighted, dual_clip, dtype):
-    lp, old, ent, adv, w = _inputs(n, seed=n, dtype=dtype, weighted=weighted)
+    lp, old, ent, adv, w = ppo_surrogate_inputs(n, seed=n, dtype=dtype, weighted=weighted)
     mine, g_lp, g_ent = _grads(OP, lp, ent, old, adv, w, 0.2, dual_clip)
     ref, r_lp, r_ent = _grads(eager_surrogate, lp, ent, old, adv, w, 0.2, dual_clip)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -70,7 +61,7 @@ def test_ties_follow_eager_autograd():
 
 @pytest.mark.parametrize("which", ["adv", "weight", "old"])
 def test_gradients_of_other_inputs_fall_back_to_eager(which):
-    lp, old, ent, adv, w = _inputs(50, seed=3)
+    lp, old, ent, adv, w = ppo_surrogate_inputs(50, seed=3)
     leaves = {"adv": adv, "weight": w, "old": old}
     t = leaves[which].clone().requires_grad_()
     args = {"old": old, "adv": adv, "weight": w, which: t}
@@ -84,7 +75,7 @@ def test_gradients_of_other_inputs_fall_back_to_eager(which):
 
 
 def test_gradcheck_and_second_order():
-    lp, old, ent, adv, w = _inputs(12, seed=5)
+    lp, old, ent, adv, w = ppo_surrogate_inputs(12, seed=5)
     lp, ent = lp.requires_grad_(), ent.requires_grad_()
     for dual_clip in (None, 1.5):
         f = lambda a, b: OP(a, old, b, adv, w, 0.2, dual_clip)[:2]  # noqa: E731
@@ -107,7 +98,7 @@ def test_backend_neutral_kernel_matches_cpu_kernel(dual_clip):
     op = torch.ops.pgext.ppo_surrogate_forward.default
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     for dtype in (torch.float32, torch.float64):
-        args = (*_inputs(300, seed=7, dtype=dtype), 0.2, dual_clip)
+        args = (*ppo_surrogate_inputs(300, seed=7, dtype=dtype), 0.2, dual_clip)
         composite, cpu = op.redispatch(keys, *args), op(*args)
         assert len(composite) == len(cpu) == 6
         for a, e in zip(composite, cpu):
@@ -116,7 +107,7 @@ def test_backend_neutral_kernel_matches_cpu_kernel(dual_clip):
 
 
 def test_opcheck_and_compile():
-    lp, old, ent, adv, w = _inputs(32, seed=9, dtype=torch.float32)
+    lp, old, ent, adv, w = ppo_surrogate_inputs(32, seed=9, dtype=torch.float32)
     lp.requires_grad_()
     torch.library.opcheck(OP.default, (lp, old, ent, adv, w, 0.2, 2.0))
     torch.library.opcheck(torch.ops.pgext.ppo_surrogate_forward.default, (lp.detach(), old, ent, adv, None, 0.2, None))
@@ -139,7 +130,7 @@ def test_opcheck_and_compile():
 
 
 def test_saves_no_logit_sized_state_and_one_node():
-    lp, old, ent, adv, w = _inputs(64, seed=2, dtype=torch.float32)
+    lp, old, ent, adv, w = ppo_surrogate_inputs(64, seed=2, dtype=torch.float32)
     lp, ent = lp.requires_grad_(), ent.requires_grad_()
     policy_loss, entropy_loss, approx_kl, clipfrac = OP(lp, old, ent, adv, w, 0.2, None)
     assert policy_loss.grad_fn is entropy_loss.grad_fn
@@ -179,7 +170,6 @@ def test_ppo_policy_error_takes_a_mask_weight():
 def test_compiled_autograd(dual_clip):
     """Compiled autograd over an eagerly built PPO graph records the
     surrogate's node as its functional form: the eager gradients bit for bit."""
-    from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(11)
     logit = torch.randn(64, 3, generator=g).requires_grad_()
@@ -192,10 +182,5 @@ def test_compiled_autograd(dual_clip):
 
     (want,) = torch.autograd.grad(total(), logit)
     loss = total()
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(compiled_autograd=True):
-        torch.compile(lambda: loss.backward(), backend="aot_eager")()
-    assert counters["compiled_autograd"]["captures"] == 1
+    assert compiled_autograd_captures(loss) == 1
     assert torch.equal(logit.grad, want)
-    torch._dynamo.reset()

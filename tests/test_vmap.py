@@ -11,7 +11,7 @@ import torch
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import pgext
-from conftest import HALF_DTYPES, REDUCTIONS, assert_close, dtype_id, make_inputs
+from conftest import HALF_DTYPES, REDUCTIONS, assert_close, dtype_id, make_inputs, ppo_surrogate_inputs
 
 ENTRIES = 3
 
@@ -243,12 +243,7 @@ SURROGATE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3
 
 
 def surrogate_inputs(layout, dtype, weighted, shape=(4, 6), seed=10):
-    g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(shape, generator=g, dtype=dtype) * 3
-    old = lp + 0.4 * torch.randn(shape, generator=g, dtype=dtype)  # ratios on both sides of the clip
-    ent = torch.rand(shape, generator=g, dtype=dtype)
-    adv = torch.randn(shape, generator=g, dtype=dtype)
-    w = torch.rand(shape, generator=g, dtype=dtype) if weighted else None
+    lp, old, ent, adv, w = ppo_surrogate_inputs(shape, seed, dtype, weighted)
     dims = SURROGATE_LAYOUTS[layout][:4] + ((SURROGATE_LAYOUTS[layout][4],) if weighted else (None,))
     args = [None if t is None else t if d is None else batched(t, d) for t, d in zip((lp, old, ent, adv, w), dims)]
     return args, dims
