@@ -201,16 +201,16 @@ def _ppo_surrogate_forward(info, in_dims, log_prob, old_log_prob, entropy, adv, 
             grad_entropy * scale), (0,) * 6
 
 
-def _per_entry(op, info, in_dims, args):
+def _per_entry(op, info, dims, args):
     """op once per batch entry, outputs stacked: for calls one op call
     cannot batch (a linear_weight per entry; per-entry weight gradients).
     Each call of the fused output layer is a vocabulary-sized GEMM, so the
-    loop's per-call overhead is negligible."""
-    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
-    fronts = [_front(a, d, info.batch_size) if isinstance(a, torch.Tensor) and d is not None else a
-              for a, d in zip(args, in_dims)]
-    outs = [op(*(f[i] if isinstance(f, torch.Tensor) and d is not None else f for f, d in zip(fronts, in_dims)))
-            for i in range(info.batch_size)]
+    loop's per-call overhead is negligible. dims has one entry per arg (a
+    list argument's is a list)."""
+    def entry(i):
+        return (a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a for a, d in zip(args, dims))
+
+    outs = [op(*entry(i)) for i in range(info.batch_size)]
     return tuple(torch.stack(parts) for parts in zip(*outs))
 
 
