@@ -28,7 +28,7 @@ from typing import List, Optional
 IMPLS = ("fused", "unfused", "lce")
 MIB = float(1 << 20)
 
-# issue 21's targets: (what, bound), checked in report()
+# the fused head's targets: (what, bound), checked in report()
 TARGETS = (
     ("peak(fused) <= peak(unfused) / 8", 1 / 8),
     ("peak(fused) <= peak(lce)", 1.0),
@@ -211,7 +211,7 @@ def report(results: List[dict], cfg: dict) -> str:
     lines.append("peak: memory beyond the inputs and the parameter gradients (input.grad, W.grad); "
                  "lce computes cross-entropy only.")
     if checks:
-        lines += ["", "Issue 21's targets (informational):", ""] + checks
+        lines += ["", "Targets (informational):", ""] + checks
     return "\n".join(lines)
 
 

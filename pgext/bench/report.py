@@ -154,7 +154,6 @@ def mode_report(mode: dict, cfg: dict) -> str:
     trows = [
         [
             _shape(rec),
-            t["source"],
             t["ratio"],
             f"{t['op']} {t['bound']:g}",
             _x(t["value"]),
@@ -164,7 +163,7 @@ def mode_report(mode: dict, cfg: dict) -> str:
         for t in rec["targets"]
     ]
     if trows:
-        out.append(_table(["shape", "source", "ratio", "target", "measured", "result"], trows))
+        out.append(_table(["shape", "ratio", "target", "measured", "result"], trows))
         out += ["", "Targets are informational: a MISS never fails the run.", ""]
 
     errors = [
