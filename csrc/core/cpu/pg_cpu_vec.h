@@ -201,6 +201,22 @@ inline Vectorized<acc_t> grad_of_exp_factored(
   return p * at::vec::fnmadd(c_entropy, t, k);
 }
 
+// grad_of_exp for lanes whose cE is zero (no upstream gradient of the
+// entropy), bit for bit, one multiply fewer: cE * t in place of cE * (p * t),
+// a zero of the same sign (p >= +0). p * k alone differs in two ways. The
+// zero decides the sign of a zero result: p * k gives -0 where grad_of_exp
+// gives +0 (p = 0, k < 0: the masked logits of a row with a negative
+// advantage). And GCC contracts at::vec's plain vector operators: p * k less
+// the one-hot term became one fused multiply-subtract, which rounds the
+// action's entry otherwise (24 ulp apart in a test's row, AVX-512); here, as
+// in grad_of_exp, p * k goes into an intrinsic that it cannot fuse with.
+template <typename acc_t>
+inline Vectorized<acc_t> grad_of_exp_policy_only(
+    const Vectorized<acc_t>& p, const Vectorized<acc_t>& t, const Vectorized<acc_t>& k,
+    const Vectorized<acc_t>& c_entropy) {
+  return at::vec::fnmadd(c_entropy, t, p * k);
+}
+
 // factorable for W rows at once, their k and cE in lanes.
 template <typename acc_t>
 inline bool all_factorable(const Vectorized<acc_t>& k, const Vectorized<acc_t>& c_entropy) {
