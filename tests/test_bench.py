@@ -107,14 +107,18 @@ def test_bench_times_each_op(op, tmp_path):
 
 def test_bench_linear_log_prob_entropy(tmp_path):
     """--op linear_log_prob_entropy: fused, unfused and F.linear_cross_entropy,
-    each in its own process, time and peak memory, the issue's targets."""
+    each in its own process per page-fault mode (THP_MEM_ALLOC_ENABLE reaches
+    the worker), time and peak memory, the targets."""
     out_json = tmp_path / "l.json"
     res = run(["-m", "pgext.bench", "--op", "linear_log_prob_entropy", "--shapes", "16x300", "--hidden", "8",
                "--repeat", "2", "--json", str(out_json)])
-    assert "### linear_log_prob_entropy: cpu, float32, H = 8" in res.stdout, res.stdout
+    for mode in ("off", "on"):
+        assert f"### linear_log_prob_entropy: cpu, float32, H = 8, THP {mode}" in res.stdout, res.stdout
     data = json.loads(out_json.read_text())
-    assert [r["impl"] for r in data["results"]] == ["fused", "unfused", "lce"]
+    assert [(r["thp"], r["impl"]) for r in data["results"]] == [
+        (mode, impl) for mode in ("off", "on") for impl in ("fused", "unfused", "lce")]
     for r in data["results"]:
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["repeat"] == 2 and r["peak_bytes"] >= 0
-    assert "time(fused) <= 1.4 x time(unfused)" in res.stdout
+        assert r["thp_mem_alloc"] == (r["thp"] == "on"), r
+    assert res.stdout.count("time(fused) <= 1.4 x time(unfused)") == 2

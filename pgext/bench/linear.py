@@ -12,7 +12,9 @@ Each step is forward + backward of ``sum(g1 * log_prob + g2 * entropy)``
 in its own process, so that its peak memory is its own: that of the first
 step, the CUDA allocator's peak or the largest RSS on the CPU, above what
 exists before the step, minus the two parameter gradients (input.grad,
-W.grad) the step allocates. The times are of the steps after it.
+W.grad) the step allocates. The times are of the steps after it. With
+``--thp both`` (the default on the CPU) every implementation runs once per
+page-fault mode, THP_MEM_ALLOC_ENABLE unset and set to 1, a table for each.
 """
 from __future__ import annotations
 
@@ -154,29 +156,34 @@ def worker(cfg: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     return dict(impl=cfg["impl"], rows=rows, vocab=vocab, hidden=hidden, dtype=cfg["dtype"],
-                device=cfg["device"], peak_bytes=max(peak - grad_bytes, 0), grad_bytes=grad_bytes,
+                device=cfg["device"], thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                peak_bytes=max(peak - grad_bytes, 0), grad_bytes=grad_bytes,
                 median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
                 repeat=len(times))
 
 
-def _launch(cfg: dict) -> dict:
+def _launch(cfg: dict, thp: str) -> dict:
     root = str(Path(__file__).resolve().parent.parent.parent)
     env = dict(os.environ)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # read once, when torch is imported
+    if thp == "on":
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "pgext.bench.linear", json.dumps(cfg)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(impl=cfg["impl"], rows=cfg["rows"], vocab=cfg["vocab"], error=last[-200:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return dict(impl=cfg["impl"], rows=cfg["rows"], vocab=cfg["vocab"], thp=thp, error=last[-200:])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), thp=thp)
 
 
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def report(results: List[dict], cfg: dict) -> str:
-    env = f"{cfg['device']}, {cfg['dtype']}, H = {cfg['hidden']}"
+def report(results: List[dict], cfg: dict, thp: str) -> str:
+    """The table and the targets of one page-fault mode's results."""
+    env = f"{cfg['device']}, {cfg['dtype']}, H = {cfg['hidden']}, THP {thp}"
     lines = [f"### linear_log_prob_entropy: {env}", "",
              "| tokens x V | impl | median ms | min-max ms | peak MiB | peak / unfused | time / unfused |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -224,12 +231,18 @@ def main(args) -> int:
         if impl not in IMPLS:
             print(f"pgext.bench: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}", file=sys.stderr)
             return 2
-    results = []
-    for rows, vocab in args.shapes:
-        for impl in impls:
-            print(f"pgext.bench: {impl} at {rows} x {vocab}", file=sys.stderr)
-            results.append(_launch(dict(cfg, impl=impl, rows=rows, vocab=vocab)))
-    print(report(results, cfg))
+    # THP only changes CPU memory; CUDA runs once
+    modes = ["off"] if args.device == "cuda" else (["off", "on"] if args.thp == "both" else [args.thp])
+    results, sections = [], []
+    for thp in modes:
+        mode_results = []
+        for rows, vocab in args.shapes:
+            for impl in impls:
+                print(f"pgext.bench: {impl} at {rows} x {vocab}, THP {thp}", file=sys.stderr)
+                mode_results.append(_launch(dict(cfg, impl=impl, rows=rows, vocab=vocab), thp))
+        sections.append(report(mode_results, cfg, thp))
+        results += mode_results
+    print("\n\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(benchmark="pgext.bench", op="linear_log_prob_entropy",
                                                    config=cfg, results=results), indent=1))
