@@ -5,9 +5,8 @@ exactly the notebook's computation (``weight`` and ``reduction`` applied on
 top of the per-sample terms the way pgext defines them); the PPO and A2C
 losses are DI-engine's (``ding.rl_utils``) with their log-probabilities and
 entropies from ``Categorical`` and PPO's clipped surrogate as DI-engine's
-eager ops (``eager_surrogate``; pgext computes it in one fused op). PPO's
-value loss, which has neither, is ``pgext.losses.ppo``'s own; the tests check both
-on hand-computed cases.
+eager ops (``eager_surrogate``), PPO's value loss as DI-engine's eager ops
+(``eager_value``); pgext computes each in one fused op.
 """
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 
 from ._types import a2c_loss, pg_data, pg_loss, ppo_info, ppo_loss, ppo_policy_loss
 
-__all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "eager_surrogate", "ppo_error",
-           "a2c_error"]
+__all__ = ["pg_error", "pg_data", "pg_loss", "log_prob_entropy", "ppo_policy_error", "eager_surrogate", "eager_value",
+           "ppo_error", "a2c_error"]
 
 
 def pg_error(data, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean",
@@ -97,12 +96,26 @@ def eager_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: tor
     return policy_loss, entropy_loss, approx_kl, clipfrac
 
 
-def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
-    from .losses.ppo import ppo_value_error
+def eager_value(value_new: torch.Tensor, value_old: torch.Tensor, return_: torch.Tensor,
+                weight: Optional[torch.Tensor], clip_ratio: float, use_value_clip: bool) -> torch.Tensor:
+    """DI-engine's PPO value loss as its eager ops compute it: half the
+    weighted mean squared error of the new values, the larger of it and the
+    error of the values clipped to ``value_old +- clip_ratio`` where
+    ``use_value_clip``."""
+    if weight is None:
+        weight = torch.ones_like(value_old)
+    if use_value_clip:
+        value_clip = value_old + (value_new - value_old).clamp(-clip_ratio, clip_ratio)
+        v1 = (return_ - value_new).pow(2)
+        v2 = (return_ - value_clip).pow(2)
+        return 0.5 * (torch.max(v1, v2) * weight).mean()
+    return 0.5 * ((return_ - value_new).pow(2) * weight).mean()
 
+
+def ppo_error(data, clip_ratio: float = 0.2, use_value_clip: bool = True, dual_clip: Optional[float] = None):
     logit_new, logit_old, action, value_new, value_old, adv, return_, weight = data
     policy, info = ppo_policy_error((logit_new, logit_old, action, adv, weight), clip_ratio, dual_clip)
-    value_loss = ppo_value_error((value_new, value_old, return_, weight), clip_ratio, use_value_clip)
+    value_loss = eager_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
     return ppo_loss(policy.policy_loss, value_loss, policy.entropy_loss), info
 
 

@@ -468,6 +468,18 @@ def ppo_surrogate_inputs(shape, seed, dtype=torch.float64, weighted=True):
     return lp, old, ent, adv, w
 
 
+def ppo_value_inputs(shape, seed, dtype=torch.float64, weighted=True):
+    """(value_new, value_old, return_, weight) of `shape` for ppo_value: new
+    values on both sides of the clip range, returns on both sides of the
+    values; weight None unless weighted."""
+    g = torch.Generator().manual_seed(seed)
+    value_old = torch.randn(shape, generator=g, dtype=dtype)
+    value_new = value_old + 0.4 * torch.randn(shape, generator=g, dtype=dtype)
+    return_ = value_old + torch.randn(shape, generator=g, dtype=dtype)
+    w = torch.rand(shape, generator=g, dtype=dtype) if weighted else None
+    return value_new, value_old, return_, w
+
+
 def compiled_autograd_captures(loss) -> int:
     """Runs loss.backward() under compiled autograd (aot_eager) from a clean
     dynamo state, and returns how many graphs compiled autograd captured."""

@@ -11,7 +11,8 @@ import torch
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import pgext
-from conftest import HALF_DTYPES, REDUCTIONS, assert_close, dtype_id, make_inputs, ppo_surrogate_inputs
+from conftest import (HALF_DTYPES, REDUCTIONS, assert_close, dtype_id, make_inputs, ppo_surrogate_inputs,
+                      ppo_value_inputs)
 
 ENTRIES = 3
 
@@ -433,3 +434,111 @@ def test_bad_surrogate_input_raises_under_vmap():
         vmap(lambda *a: SURROGATE(*a, 0.2, 1.0))(lp, old, ent, adv, w)
     with pytest.raises(TypeError, match="weight must be float"):
         vmap(SURROGATE)(lp, old, ent, adv, (w > 0.5).int())
+
+
+# ppo_value: value_new, value_old, return_, weight, all of one shape
+VALUE_LAYOUTS = {
+    "all": (0, 0, 0, 0),
+    "value_new_only": (0, None, None, None),  # an ensemble of critics on one batch
+    "moved_dims": (1, 0, None, 1),
+    "return_only": (None, None, 0, None),
+}
+VALUE = torch.ops.pgext.ppo_value
+
+
+def value_inputs(layout, dtype, weighted, shape=(4, 6), seed=20):
+    vn, vo, ret, w = ppo_value_inputs(shape, seed, dtype, weighted)
+    dims = VALUE_LAYOUTS[layout][:3] + ((VALUE_LAYOUTS[layout][3],) if weighted else (None,))
+    args = [None if t is None else t if d is None else batched(t, d) for t, d in zip((vn, vo, ret, w), dims)]
+    return args, dims
+
+
+@pytest.mark.parametrize("layout", VALUE_LAYOUTS)
+@pytest.mark.parametrize("use_value_clip", [True, False], ids=["clip", "no_clip"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_value_loss_matches_a_loop(dtype, weighted, use_value_clip, layout):
+    """One loss per entry, and (vmap(grad)) one gradient of value_new per
+    entry: the op's C++ autograd runs inside vmap, its forward kernel op is
+    the one batched."""
+    args, dims = value_inputs(layout, dtype, weighted)
+
+    def loss(vn, vo, ret, w):
+        return VALUE(vn, vo, ret, w, 0.2, use_value_clip)
+
+    tol = SURROGATE_TOL[dtype]
+    got, want = vmap(loss, in_dims=dims)(*args), loop(lambda *a: (loss(*a),), dims, *args)[0]
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == (ENTRIES,)
+    assert_close(got, want, scale=want.abs().max(), rtol=tol, atol=tol)
+    got = vmap(grad(loss), in_dims=dims)(*args)
+    want = loop(lambda *a: (grad(loss)(*a),), dims, *args)[0]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_close(got, want, scale=want.abs().max(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_value_forward_kernel_op_matches_a_loop(dtype):
+    for layout in VALUE_LAYOUTS:
+        args, dims = value_inputs(layout, dtype, True)
+
+        def fn(*a):
+            return tuple(torch.ops.pgext.ppo_value_forward(*a, 0.2, True))
+
+        got = vmap(fn, in_dims=dims)(*args)
+        want = loop(fn, dims, *args)
+        assert len(got) == 2
+        assert_surrogate_close(got, want, dtype)
+
+
+def test_gradient_of_a_vmapped_value_loss():
+    """grad(vmap): the rule's ATen ops are differentiated, in every input as
+    the op's eager fallback is."""
+    args, _ = value_inputs("all", torch.float64, True)
+
+    def vmapped(vn, vo, ret, w):
+        return (vmap(VALUE)(vn, vo, ret, w) * torch.tensor([1.0, -2.0, 0.5], dtype=vn.dtype)).sum()
+
+    def looped(vn, vo, ret, w):
+        return sum(VALUE(vn[i], vo[i], ret[i], w[i]) * c for i, c in enumerate((1.0, -2.0, 0.5)))
+
+    argnums = tuple(range(4))
+    for g, w in zip(grad(vmapped, argnums)(*args), grad(looped, argnums)(*args)):
+        assert_close(g, w, scale=w.abs().max(), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(vmapped, tuple(a.clone().requires_grad_() for a in args))
+
+
+@pytest.mark.parametrize("use_value_clip", [True, False])
+def test_ppo_error_per_critic_gradients(use_value_clip):
+    """vmap(grad) through pgext.ppo_error over an ensemble of policies and
+    critics on one batch: each member's losses and gradients."""
+    inp = make_inputs((8,), 5, torch.float64, seed=21, weight=True)
+    vn, vo, ret, _ = ppo_value_inputs(8, 22)
+    logits, values = batched(inp.logit, 0), batched(vn, 0)
+    old = inp.logit + 0.3 * torch.randn(inp.logit.shape, generator=torch.Generator().manual_seed(23),
+                                        dtype=torch.float64)
+
+    def step(logit, value):
+        loss, _ = pgext.ppo_error(pgext.ppo_data(logit, old, inp.action, value, vo, inp.return_, ret, inp.weight),
+                                  0.2, use_value_clip)
+        return loss.policy_loss + 0.5 * loss.value_loss - 0.01 * loss.entropy_loss, tuple(loss)
+
+    got_grads, got_losses = vmap(grad(step, argnums=(0, 1), has_aux=True))(logits, values)
+    results = [grad(step, argnums=(0, 1), has_aux=True)(logits[i], values[i]) for i in range(ENTRIES)]
+    for k, got in enumerate(got_grads):
+        want = torch.stack([r[0][k] for r in results])
+        assert_close(got, want, scale=want.abs().max(), rtol=1e-12, atol=1e-12)
+    for k, got in enumerate(got_losses):
+        want = torch.stack([r[1][k] for r in results])
+        assert_close(got, want, scale=want.abs().max(), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(got_losses[1][0], got_losses[1][1])
+
+
+def test_bad_value_input_raises_under_vmap():
+    args, _ = value_inputs("all", torch.float32, True)
+    vn, vo, ret, w = args
+    with pytest.raises(ValueError, match="return_ must have value_new's shape"):
+        vmap(VALUE, in_dims=(0, 0, None, 0))(vn, vo, ret[0, :3], w)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        vmap(lambda *a: VALUE(*a, -0.1))(vn, vo, ret, w)
+    with pytest.raises(TypeError, match="weight must be float"):
+        vmap(VALUE)(vn, vo, ret, (w > 0.5).int())

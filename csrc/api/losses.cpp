@@ -1,9 +1,11 @@
 // DI-engine's PPO and A2C losses for C++ callers (include/pgext/pgext.h), the
 // twins of pgext/losses/ppo.py and pgext/losses/a2c.py: log_prob_entropy (or pg_error) for
-// the categorical part, then a few ATen ops, so autograd covers them.
+// the categorical part, the fused ppo_surrogate and ppo_value ops for PPO's
+// losses, and a few ATen ops elsewhere, so autograd covers them.
 #include "core/ops.h"
 #include "include/pgext/pgext.h"
 #include "ops/ppo_surrogate/ppo_surrogate.h"
+#include "ops/ppo_value/ppo_value.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -31,8 +33,14 @@ at::Tensor old_log_prob(const at::Tensor& logit_old, const at::Tensor& action) {
   return std::get<0>(ops::log_prob_entropy(logit_old, action, std::nullopt));
 }
 
-at::Tensor weight_or_ones(const std::optional<at::Tensor>& weight, const at::Tensor& like) {
-  return weight.has_value() && weight->defined() ? *weight : at::ones_like(like);
+// A non-floating weight (a mask) as eager multiplication would promote it:
+// to the dtype of the values it multiplies.
+at::Tensor floating_weight(const at::Tensor& weight, at::ScalarType values) {
+  return !weight.defined() || at::isFloatingType(weight.scalar_type()) ? weight : weight.to(values);
+}
+
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 }  // namespace
@@ -48,11 +56,9 @@ std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, co
   at::Tensor policy_loss, entropy_loss, approx_kl, clipfrac;
   if (logp_new.sizes() == data.adv.sizes() && (!w.defined() || w.sizes() == data.adv.sizes())) {
     // a non-floating weight (a mask) as eager multiplication would promote it
-    const std::optional<at::Tensor> weight =
-        w.defined() ? std::optional<at::Tensor>(at::isFloatingType(w.scalar_type()) ? w : w.to(data.adv.scalar_type()))
-                    : std::nullopt;
+    const at::Tensor weight = floating_weight(w, data.adv.scalar_type());
     std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) = ops::ppo_surrogate(
-        logp_new, logp_old, entropy, data.adv, weight, options.clip_ratio, options.dual_clip);
+        logp_new, logp_old, entropy, data.adv, optional_tensor(weight), options.clip_ratio, options.dual_clip);
   } else {  // several agents sharing one advantage: ratio and entropy averaged over them
     std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) =
         ppo_surrogate_eager(logp_new, logp_old, entropy, data.adv, w, options.clip_ratio, options.dual_clip);
@@ -68,16 +74,22 @@ std::pair<PpoLoss, PpoInfo> ppo_error(const PpoData& data, const PpoOptions& opt
   TORCH_CHECK_VALUE(
       data.value_new.defined() && data.value_old.defined() && data.return_.defined(),
       "pgext::ppo_error: value_new, value_old and return_ must be tensors");
-  const at::Tensor weight = weight_or_ones(data.weight, data.value_old);
+  const at::Tensor w = data.weight.has_value() && data.weight->defined() ? *data.weight : at::Tensor();
+  const at::Tensor& v_new = data.value_new;
+  const at::Tensor& v_old = data.value_old;
   const at::Tensor& ret = data.return_;
-  at::Tensor value_loss;
-  if (options.use_value_clip) {
-    const double clip = options.clip_ratio;
-    const at::Tensor value_clip = data.value_old + (data.value_new - data.value_old).clamp(-clip, clip);
-    value_loss = 0.5 * (at::max((ret - data.value_new).pow(2), (ret - value_clip).pow(2)) * weight).mean();
-  } else {
-    value_loss = 0.5 * ((ret - data.value_new).pow(2) * weight).mean();
+  const at::Tensor weight = floating_weight(
+      w, at::promote_types(at::promote_types(v_new.scalar_type(), v_old.scalar_type()), ret.scalar_type()));
+  bool fused = true;  // one shape, floating values on one device: the fused op
+  for (const at::Tensor* t : {&v_old, &ret, &weight}) {
+    fused = fused && (!t->defined() || (t->sizes() == v_new.sizes() && t->device() == v_new.device()));
   }
+  for (const at::Tensor* t : {&v_new, &v_old, &ret}) {
+    fused = fused && at::isFloatingType(t->scalar_type());
+  }
+  const at::Tensor value_loss =
+      fused ? ops::ppo_value(v_new, v_old, ret, optional_tensor(weight), options.clip_ratio, options.use_value_clip)
+            : ppo_value_eager(v_new, v_old, ret, weight, options.clip_ratio, options.use_value_clip);
   return {PpoLoss{policy.policy_loss, value_loss, policy.entropy_loss}, info};
 }
 

@@ -101,6 +101,15 @@ void check_dense(std::initializer_list<std::pair<const char*, const at::Tensor*>
   }
 }
 
+bool has_tangent(std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs) {
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 void check_logit_and_action(const at::Tensor& logit, const at::Tensor& action, const char* op) {
   TORCH_CHECK_VALUE(logit.defined() && action.defined(), op, ": logit and action must be tensors");
   TORCH_CHECK_TYPE(

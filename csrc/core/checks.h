@@ -31,6 +31,10 @@ bool is_supported_float(at::ScalarType t);
 void check_dense(
     std::initializer_list<std::pair<const char*, const at::Tensor*>> named, const char* op = "pg_error");
 
+// Whether a defined input carries a forward-mode tangent: the fused PPO ops'
+// autograd then runs DI-engine's eager ops, which propagate it.
+bool has_tangent(std::initializer_list<const at::Tensor*> inputs);
+
 // The op the user called, for the messages of checks that run inside
 // pg_error's kernels (the actions' range): an op implemented by calling
 // pg_error (log_prob_entropy) sets its name around the call, so the message

@@ -103,5 +103,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate(
   return op.call(log_prob, old_log_prob, entropy, adv, weight, clip_ratio, dual_clip);
 }
 
+at::Tensor ppo_value(
+    const at::Tensor& value_new,
+    const at::Tensor& value_old,
+    const at::Tensor& return_,
+    const std::optional<at::Tensor>& weight,
+    double clip_ratio,
+    bool use_value_clip) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::ppo_value", "")
+                       .typed<decltype(ppo_value)>();
+  return op.call(value_new, value_old, return_, weight, clip_ratio, use_value_clip);
+}
+
 }  // namespace ops
 }  // namespace pgext

@@ -71,5 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_surrogate(
     double clip_ratio,
     std::optional<double> dual_clip);
 
+at::Tensor ppo_value(
+    const at::Tensor& value_new,
+    const at::Tensor& value_old,
+    const at::Tensor& return_,
+    const std::optional<at::Tensor>& weight,
+    double clip_ratio,
+    bool use_value_clip);
+
 }  // namespace ops
 }  // namespace pgext

@@ -20,12 +20,13 @@ Two differences, both for speed on GPUs and large vocabularies:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 
 from ..ops.primitive import log_prob_entropy
-from ..reference import eager_surrogate
+from ..reference import eager_surrogate, eager_value
 from .._types import ppo_data, ppo_info, ppo_loss, ppo_policy_data, ppo_policy_loss, ppo_value_data
 
 __all__ = ["ppo_policy_error", "ppo_value_error", "ppo_error"]
@@ -96,16 +97,18 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: t
 def ppo_value_error(data: ppo_value_data, clip_ratio: float = 0.2, use_value_clip: bool = True) -> torch.Tensor:
     """PPO's value loss, ``0.5 * mean(weight * (return_ - value)^2)``, with
     the value clipped to ``value_old +- clip_ratio`` (the larger of the two
-    squared errors) where ``use_value_clip``."""
+    squared errors) where ``use_value_clip``: one ``torch.ops.pgext.ppo_value``
+    call (one pass forward, one multiply backward) where the tensors have one
+    shape, DI-engine's eager ops where they broadcast."""
     value_new, value_old, return_, weight = data
-    if weight is None:
-        weight = torch.ones_like(value_old)
-    if use_value_clip:
-        value_clip = value_old + (value_new - value_old).clamp(-clip_ratio, clip_ratio)
-        v1 = (return_ - value_new).pow(2)
-        v2 = (return_ - value_clip).pow(2)
-        return 0.5 * (torch.max(v1, v2) * weight).mean()
-    return 0.5 * ((return_ - value_new).pow(2) * weight).mean()
+    values = (value_new, value_old, return_)
+    if weight is not None and not weight.is_floating_point():
+        # a mask, promoted as eager multiplication would: to the values' dtype
+        weight = weight.to(functools.reduce(torch.promote_types, (t.dtype for t in values)))
+    tensors = values if weight is None else values + (weight,)
+    if all(t.is_floating_point() and t.shape == value_new.shape and t.device == value_new.device for t in tensors):
+        return torch.ops.pgext.ppo_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
+    return eager_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
 
 
 def ppo_error(data: ppo_data, clip_ratio: float = 0.2, use_value_clip: bool = True,

@@ -22,7 +22,8 @@ each per entry, approx_kl and clipfrac included; autograd differentiates those
 ops, which follow the same conventions as the op's own gradients. Under
 ``vmap(grad(f))`` the op's C++ autograd runs inside vmap and calls
 ppo_surrogate_forward, whose rule makes one kernel call on the whole batch for
-the per-sample derivatives.
+the per-sample derivatives. ppo_value (PPO's value loss, also a mean over
+all samples) and ppo_value_forward map the same way.
 
 The fused output layer (linear_log_prob_entropy) batches in one call where
 the layer is shared by the entries (the vmapped dimension is one more leading
@@ -201,6 +202,38 @@ def _ppo_surrogate_forward(info, in_dims, log_prob, old_log_prob, entropy, adv, 
             grad_entropy * scale), (0,) * 6
 
 
+def _value_means(value_new, value_old, return_, weight, clip_ratio, use_value_clip):
+    """ppo_value's loss per entry (B,), from inputs (B, *samples): DI-engine's
+    per-sample terms in the accumulation dtype, as the CPU kernel forms them,
+    one mean per entry (summed in float64, rounded once); their autograd is
+    the op's."""
+    tensors = (value_new, value_old, return_) + (() if weight is None else (weight,))
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    acc = _acc_dtype(dtype)
+    v_new, v_old, ret = (t.to(acc) for t in tensors[:3])
+    err = (ret - v_new).pow(2)
+    if use_value_clip:
+        err = torch.max(err, (ret - (v_old + (v_new - v_old).clamp(-clip_ratio, clip_ratio))).pow(2))
+    if weight is not None:
+        err = err * weight.to(acc)
+    return _reduce(0.5 * err, "mean", _samples_per_entry(value_new), dtype)
+
+
+def _ppo_value(info, in_dims, value_new, value_old, return_, weight=None, clip_ratio=0.2, use_value_clip=True):
+    tensors = _fronts(info, in_dims, (value_new, value_old, return_, weight))
+    # the op's own checks and messages, on no entry (as _ppo_surrogate)
+    with torch.no_grad():
+        torch.ops.pgext.ppo_value(*(None if t is None else t[:0] for t in tensors), clip_ratio, use_value_clip)
+    return _value_means(*tensors, clip_ratio, use_value_clip), 0
+
+
+def _ppo_value_forward(info, in_dims, value_new, value_old, return_, weight, clip_ratio, use_value_clip):
+    tensors = _fronts(info, in_dims, (value_new, value_old, return_, weight))
+    _, grad_value_new = torch.ops.pgext.ppo_value_forward(*tensors, clip_ratio, use_value_clip)
+    # the kernel divides by the whole batch's sample count; an entry's mean by its own
+    return (_value_means(*tensors, clip_ratio, use_value_clip), grad_value_new * info.batch_size), (0, 0)
+
+
 def _per_entry(op, info, dims, args):
     """op once per batch entry, outputs stacked: for calls one op call
     cannot batch (a linear_weight per entry; per-entry weight gradients).
@@ -268,6 +301,8 @@ def register() -> None:
         "pg_grad_from_stats": _pg_grad_from_stats,
         "ppo_surrogate": _ppo_surrogate,
         "ppo_surrogate_forward": _ppo_surrogate_forward,
+        "ppo_value": _ppo_value,
+        "ppo_value_forward": _ppo_value_forward,
         "linear_log_prob_entropy": _linear_rule(torch.ops.pgext.linear_log_prob_entropy, 2),
         "linear_log_prob_entropy_forward": _linear_rule(torch.ops.pgext.linear_log_prob_entropy_forward, 3),
         "linear_log_prob_entropy_backward": _linear_backward,

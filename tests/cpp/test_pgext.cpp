@@ -336,6 +336,13 @@ void test_losses() {
   check(info.approx_kl.dim() == 0 && info.clipfrac.dim() == 0, "ppo_error: info as 0-d tensors");
   (loss.policy_loss + 0.5 * loss.value_loss - 0.01 * loss.entropy_loss).backward();
   check(logit.grad().defined() && value.grad().defined(), "ppo_error: gradients reach the logits and values");
+  // the value loss is one fused node, whose gradient is DI-engine's eager ops'
+  check(loss.value_loss.grad_fn() != nullptr && loss.value_loss.grad_fn()->name() == "PpoValueBackward",
+        "ppo_error: the value loss is one PpoValueBackward node");
+  const auto v_eager = v.clone().requires_grad_(true);
+  const auto v_eager_clip = value_old + (v_eager - value_old).clamp(-0.2, 0.2);
+  (0.25 * (torch::max((ret - v_eager).pow(2), (ret - v_eager_clip).pow(2)) * weight).mean()).backward();
+  check(torch::allclose(value.grad(), v_eager.grad(), 1e-12, 1e-15), "ppo_error: the value gradient is eager's");
   // stored old log-probabilities give the same loss
   const auto from_lp = pgext::ppo_policy_error({logit.detach(), lp_old, action, adv, weight}, {.dual_clip = 3.0});
   check_close(from_lp.first.policy_loss.item<double>(), want_policy, 1e-10, "ppo_policy_error: old log-probs");

@@ -172,15 +172,6 @@ struct PpoSurrogateBackward final : public torch::autograd::TraceableFunction {
   }
 };
 
-bool has_tangent(std::initializer_list<const at::Tensor*> inputs) {
-  for (const at::Tensor* t : inputs) {
-    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) {
-      return true;
-    }
-  }
-  return false;
-}
-
 Outputs ppo_surrogate_autograd(
     const at::Tensor& log_prob,
     const at::Tensor& old_log_prob,
