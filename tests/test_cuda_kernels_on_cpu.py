@@ -259,6 +259,22 @@ def test_temperature(emulated, dtype, temperature):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_one_return_for_every_row(emulated, dtype):
+    """A 0-d return_ (log_prob_entropy's -1) is read in place for every row,
+    short rows and long: the emulated CUDA kernels give the CPU kernels'
+    values, and those are the bits of the return expanded to one per row."""
+    for n in (5, SHORT_ROW + 77):
+        inp = inputs(rows_for(n), n, dtype, seed=n, weight=n > SHORT_ROW)
+        shared = inp._replace(return_=torch.tensor(-1.5, dtype=inp.return_.dtype))
+        expanded = inp._replace(return_=torch.full_like(inp.return_, -1.5))
+        compare_forward_backward(emulated, shared, f"0-d return N={n}")
+        for reduction in ("none", "mean"):
+            for got, want in zip(run_ops(torch.ops.pgext, shared, reduction),
+                                 run_ops(torch.ops.pgext, expanded, reduction)):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_empty_batch(emulated, dtype):
     """'mean' of nothing is NaN, 'sum' 0 (the reduction kernel with no rows)."""
     for n in (5, 2000):

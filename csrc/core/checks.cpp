@@ -8,6 +8,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace pgext {
@@ -197,8 +198,19 @@ at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const a
   return at::div(t, c10::Scalar(action.sym_numel()));
 }
 
-at::ScalarType acc_type(at::ScalarType logit_dtype) {
-  return logit_dtype == at::kDouble ? at::kDouble : at::kFloat;
+at::ScalarType acc_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::ScalarType promoted_dtype(at::TensorList tensors) {
+  std::optional<at::ScalarType> t;
+  for (const auto& x : tensors) {
+    if (x.defined()) {
+      t = t ? at::promote_types(*t, x.scalar_type()) : x.scalar_type();
+    }
+  }
+  TORCH_INTERNAL_ASSERT(t.has_value(), "promoted_dtype: no defined tensor");
+  return *t;
 }
 
 at::ScalarType loss_type(
@@ -311,7 +323,14 @@ RowInputs flatten_rows(
     double temperature) {
   RowInputs in = flatten_logit_and_action(logit, action, temperature);
   const auto acc = acc_type(logit.scalar_type());
-  in.ret = as_rows(expand_to_action(ret, action), in.rows, acc);
+  if (ret.dim() == 0) {
+    // One return for every sample (log_prob_entropy's -1): its expanded copy
+    // would cost small batches two more dispatched ops per call.
+    in.ret = ret.scalar_type() == acc ? ret : converted_to(ret, acc);
+    in.ret_stride = 0;
+  } else {
+    in.ret = as_rows(expand_to_action(ret, action), in.rows, acc);
+  }
   if (weight.has_value() && weight->defined()) {
     in.weight = as_rows(expand_to_action(*weight, action), in.rows, acc);
   }

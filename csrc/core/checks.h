@@ -92,9 +92,13 @@ void check_backward_inputs(
 // symbolic shapes (torch.compile with dynamic shapes).
 at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const at::Tensor& action);
 
-// Accumulation type of the kernels: float32 for every floating logit dtype but
+// Accumulation type of the kernels: float32 for every floating dtype but
 // float64, which accumulates in float64.
-at::ScalarType acc_type(at::ScalarType logit_dtype);
+at::ScalarType acc_type(at::ScalarType dtype);
+
+// What eager type promotion of the defined tensors gives (all of one shape, so
+// no 0-d special case); undefined tensors (absent optional inputs) are skipped.
+at::ScalarType promoted_dtype(at::TensorList tensors);
 
 // Dtype of the two losses: the promotion of logit, return_ and weight, as the
 // notebook's arithmetic would produce.
@@ -110,7 +114,8 @@ struct RowInputs {
   // the caller's action dtype, for error messages: a uint64 action of 2**63 or
   // more reads negative once converted to int64
   at::ScalarType action_dtype = at::kLong;
-  at::Tensor ret;     // (rows,) accumulation dtype, contiguous
+  at::Tensor ret;     // (rows,) accumulation dtype, contiguous; or 0-d, read with ret_stride 0
+  int64_t ret_stride = 1;
   at::Tensor weight;  // (rows,) accumulation dtype, contiguous; undefined if absent
   int64_t rows = 0;
   int64_t n = 0;

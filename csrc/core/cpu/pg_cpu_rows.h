@@ -34,6 +34,7 @@ struct ForwardSink {
       : action(in.action.const_data_ptr<int64_t>()),
         n(in.n),
         ret(in.ret.const_data_ptr<acc_t>()),
+        ret_stride(in.ret_stride),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         lse(out.lse.mutable_data_ptr<double>()),
         entropy(out.entropy.mutable_data_ptr<acc_t>()),
@@ -45,7 +46,7 @@ struct ForwardSink {
     const acc_t w = weight ? weight[r] : acc_t(1);
     lse[r] = math::saved_lse(m, log_s);
     entropy[r] = row_entropy;
-    policy[r] = math::policy_term(math::log_prob(x_action, m, log_s), ret[r], w);
+    policy[r] = math::policy_term(math::log_prob(x_action, m, log_s), ret[r * ret_stride], w);
     entropy_weighted[r] = math::entropy_term(row_entropy, w);
   }
 
@@ -58,6 +59,7 @@ struct ForwardSink {
   const int64_t* action;
   int64_t n;
   const acc_t* ret;
+  int64_t ret_stride;  // 0: one return for every row
   const acc_t* weight;
   double* lse;
   acc_t* entropy;
@@ -129,6 +131,7 @@ struct BackwardSource {
         vocab_start(rows.shard_vocab_start.value_or(0)),
         n(in.n),
         ret(in.ret.const_data_ptr<acc_t>()),
+        ret_stride(in.ret_stride),
         weight(in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr),
         g_pol(rows.grad_policy),
         g_ent(rows.grad_entropy),
@@ -138,7 +141,7 @@ struct BackwardSource {
 
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
-    return math::grad_coef(g_pol[r], g_ent[r], ret[r], w, entropy[r], inv_count);
+    return math::grad_coef(g_pol[r], g_ent[r], ret[r * ret_stride], w, entropy[r], inv_count);
   }
 
   // The action's column within the row (or shard), or -1 when another shard
@@ -155,6 +158,7 @@ struct BackwardSource {
   int64_t vocab_start;
   int64_t n;
   const acc_t* ret;
+  int64_t ret_stride;  // 0: one return for every row
   const acc_t* weight;
   UpstreamGrad<acc_t> g_pol;
   UpstreamGrad<acc_t> g_ent;

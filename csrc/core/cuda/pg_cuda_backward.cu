@@ -36,6 +36,7 @@ struct BackwardArgs {
   int64_t rows;
   const int64_t* action;
   const acc_t* ret;
+  int64_t ret_stride;  // 0: one return for every row
   const acc_t* weight;  // nullptr: weight 1
   const acc_t* grad_policy;
   int64_t grad_policy_stride;  // 0 for a reduced loss's scalar gradient
@@ -71,7 +72,7 @@ __device__ __forceinline__ void backward_row(
     CUDA_KERNEL_ASSERT_MSG(in_range, "pgext: action out of range: expected 0 <= action < N");
   }
   auto c = math::grad_coef(
-      p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r], w,
+      p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r * p.ret_stride], w,
       p.entropy[r], p.inv_count);
   if (!in_range) {
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
@@ -154,6 +155,7 @@ void backward_typed(const RowInputs& in, const BackwardRows& rows, at::Tensor& g
   p.rows = in.rows;
   p.action = in.action.const_data_ptr<int64_t>();
   p.ret = in.ret.const_data_ptr<acc_t>();
+  p.ret_stride = in.ret_stride;
   p.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
   p.grad_policy = rows.grad_policy.const_data_ptr<acc_t>();
   p.grad_policy_stride = grad_row_stride(rows.grad_policy);

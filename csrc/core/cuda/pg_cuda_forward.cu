@@ -48,6 +48,7 @@ template <typename scalar_t, typename acc_t>
 struct LossFinish {
   const int64_t* action;
   const acc_t* ret;
+  int64_t ret_stride;  // 0: one return for every row
   const acc_t* weight;  // nullptr: weight 1
   double* lse;          // math::saved_lse
   acc_t* entropy;
@@ -68,7 +69,7 @@ struct LossFinish {
                                : std::numeric_limits<acc_t>::quiet_NaN();
     lse[r] = math::saved_lse(st.m, res.log_s);
     entropy[r] = res.entropy;
-    policy[r] = math::policy_term(math::log_prob(x_a, st.m, res.log_s), ret[r], w);
+    policy[r] = math::policy_term(math::log_prob(x_a, st.m, res.log_s), ret[r * ret_stride], w);
     entropy_weighted[r] = math::entropy_term(res.entropy, w);
   }
 };
@@ -196,6 +197,7 @@ void forward_typed(const RowInputs& in, ForwardRows& out) {
   LossFinish<scalar_t, acc_t> f;
   f.action = in.action.const_data_ptr<int64_t>();
   f.ret = in.ret.const_data_ptr<acc_t>();
+  f.ret_stride = in.ret_stride;
   f.weight = in.weight.defined() ? in.weight.const_data_ptr<acc_t>() : nullptr;
   f.lse = out.lse.mutable_data_ptr<double>();
   f.entropy = out.entropy.mutable_data_ptr<acc_t>();

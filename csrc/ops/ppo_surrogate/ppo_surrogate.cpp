@@ -70,10 +70,7 @@ at::ScalarType result_dtype(
     const at::Tensor& entropy,
     const at::Tensor& adv,
     const at::Tensor& weight) {
-  at::ScalarType t = at::promote_types(log_prob.scalar_type(), old_log_prob.scalar_type());
-  t = at::promote_types(t, entropy.scalar_type());
-  t = at::promote_types(t, adv.scalar_type());
-  return weight.defined() ? at::promote_types(t, weight.scalar_type()) : t;
+  return promoted_dtype({log_prob, old_log_prob, entropy, adv, weight});
 }
 
 // One pass over the samples, in float32 (float64 for float64 results), the

@@ -54,18 +54,10 @@ void check_value_inputs(
 
 namespace {
 
-// The loss's dtype: what eager type promotion of the inputs gives (all have
-// one shape, so no 0-d special case).
+// The loss's dtype: eager's promotion of the inputs.
 at::ScalarType result_dtype(
     const at::Tensor& value_new, const at::Tensor& value_old, const at::Tensor& return_, const at::Tensor& weight) {
-  const at::ScalarType t =
-      at::promote_types(at::promote_types(value_new.scalar_type(), value_old.scalar_type()), return_.scalar_type());
-  return weight.defined() ? at::promote_types(t, weight.scalar_type()) : t;
-}
-
-// float32 for every result dtype but float64.
-at::ScalarType compute_dtype(at::ScalarType result) {
-  return result == at::kDouble ? at::kDouble : at::kFloat;
+  return promoted_dtype({value_new, value_old, return_, weight});
 }
 
 // One pass over the samples in the compute dtype, the sum in float64: the
@@ -192,7 +184,7 @@ ValueForward ppo_value_forward_composite(
   const at::Tensor w = weight.value_or(at::Tensor());
   check_value_inputs(value_new, value_old, return_, w, clip_ratio);
   const auto dt = result_dtype(value_new, value_old, return_, w);
-  const auto compute = compute_dtype(dt);
+  const auto compute = acc_type(dt);
   const at::Tensor vn = value_new.to(compute), vo = value_old.to(compute), ret = return_.to(compute);
   const at::Tensor w_c = w.defined() ? w.to(compute) : at::Tensor();
   const at::Tensor loss = ppo_value_eager(vn, vo, ret, w_c, clip_ratio, use_value_clip);
