@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> log_prob_entropy(
   // type), float64 for float64: the dtype a ratio exp(log_prob - old) needs.
   // pg_error's kernels check the actions' range; their message names this op
   const UserOpGuard guard(kOp);
-  const at::Tensor minus_one = at::full({}, -1.0, logit.options().dtype(acc_type(logit.scalar_type())));
+  const at::Tensor minus_one = at::scalar_tensor(-1.0, logit.options().dtype(acc_type(logit.scalar_type())));
   if (!ignore_index.has_value()) {
     return ops::pg_error(logit, action, minus_one, std::nullopt, "none", temperature);
   }
