@@ -1,7 +1,6 @@
 #pragma once
 // The output layer fused into log_prob_entropy: logits = (input @ W.T + b) / T
-// are formed a tile (class slice x rows) at a time and never exist in full
-// (issue 21).
+// are formed a tile (class slice x rows) at a time and never exist in full.
 // Shared by the kernel ops (linear_log_prob_entropy_kernels.cpp), their Meta
 // kernels and checks (linear_log_prob_entropy_meta.cpp), the autograd of the
 // user op (linear_log_prob_entropy_autograd.cpp) and linear_pg_error.
