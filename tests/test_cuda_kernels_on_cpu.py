@@ -229,6 +229,30 @@ def test_row_stats_and_grad_from_stats(emulated, dtype):
                         f"grad from stats N={n} start={start} {reduction}", dtype)
 
 
+@pytest.mark.parametrize("part_dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_merge_row_stats(emulated, part_dtype):
+    """pg_merge_row_stats_ on the emulated GPU updates the running statistics
+    as the CPU op does: class slices of rows with masked slices, NaN and
+    +inf, more rows than one block (the grid-stride loop), merged in turn."""
+    rows, n, width = 700, 40, 9
+    inp = inputs(rows, n, torch.float64, seed=13, mask=0.4)
+    logit = inp.logit.clone()
+    logit[1, :width] = -math.inf
+    logit[2, 5] = math.nan
+    logit[3, 30] = math.inf
+    logit[4] = -math.inf
+    states = []
+    for ops in (emulated, torch.ops.pgext):
+        running = [torch.full((rows,), -math.inf, dtype=torch.float64)] + \
+            [torch.zeros(rows, dtype=torch.float64) for _ in range(3)]
+        for c0 in range(0, n, width):
+            part = torch.ops.pgext.pg_row_stats(logit[:, c0:c0 + width].contiguous(), inp.action, c0)
+            ops.pg_merge_row_stats_(*running, *(p.to(part_dtype) for p in part))
+        states.append(running)
+    assert_all_same(states[0], states[1], "merged row stats", torch.float64)
+    assert states[1][0][2].isnan() and states[1][0][4] == -math.inf
+
+
 @pytest.mark.parametrize("temperature", [0.3, 2.5])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_temperature(emulated, dtype, temperature):

@@ -280,3 +280,67 @@ def test_bad_input():
     with pytest.raises(RuntimeError, match="forward-mode"):
         with torch.autograd.forward_ad.dual_level():
             f(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), w, a)
+
+
+# ------------------------------------------------------------------------ the merge over class slices
+def _merged_stats(logit, action, slice_classes, part_dtype):
+    """pg_merge_row_stats_ of each class slice's pg_row_stats, in order."""
+    rows, n = logit.shape
+    running = [torch.full((rows,), -math.inf, dtype=torch.float64)] + [torch.zeros(rows, dtype=torch.float64)
+                                                                        for _ in range(3)]
+    for c0 in range(0, n, slice_classes):
+        part = OPS.pg_row_stats(logit[:, c0:c0 + slice_classes].contiguous(), action, c0)
+        OPS.pg_merge_row_stats_(*running, *(p.to(part_dtype) for p in part))
+    return running
+
+
+@pytest.mark.parametrize("part_dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_merge_row_stats_equals_the_whole_row(part_dtype):
+    """Slices merged one at a time give the whole row's statistics: masked
+    slices (-inf, finfo.min) add nothing, a NaN or +inf logit makes its row's
+    statistics NaN, an all -inf row stays empty (max -inf, sums 0), the
+    action's logit comes from its slice alone."""
+    g = torch.Generator().manual_seed(5)
+    rows, n = 9, 23
+    logit = torch.randn(rows, n, generator=g, dtype=torch.float64) * 4
+    action = torch.randint(0, n, (rows,), generator=g)
+    logit[1, :8] = -math.inf              # a whole slice masked
+    logit[2, 8:16] = torch.finfo(torch.float64).min
+    logit[3, 17] = math.nan
+    logit[4, 3] = math.inf
+    logit[5] = -math.inf                  # no distribution
+    logit[6, 20] = 60.0                   # the max moves late
+    whole = OPS.pg_row_stats(logit.to(part_dtype), action, 0)
+    for slice_classes in (1, 8, 23):
+        m, s, q, xa = _merged_stats(logit.to(part_dtype), action, slice_classes, part_dtype)
+        for r in range(rows):
+            if r in (3, 4):
+                assert m[r].isnan() and s[r].isnan() and q[r].isnan(), r
+            elif r == 5:
+                assert m[r] == -math.inf and s[r] == 0 and q[r] == 0
+            else:
+                assert m[r] == whole[0][r].double(), r
+                tol = 1e-12 if part_dtype == torch.float64 else 1e-5
+                torch.testing.assert_close(s[r], whole[1][r].double(), rtol=tol, atol=0)
+                torch.testing.assert_close(q[r], whole[2][r].double(), rtol=tol, atol=tol)
+        assert torch.equal(xa[[0, 1, 2, 6, 7, 8]], whole[3].double()[[0, 1, 2, 6, 7, 8]])
+
+
+def test_merge_row_stats_opcheck_and_bad_input():
+    rows = 5
+    running = [torch.full((rows,), -math.inf, dtype=torch.float64)] + [torch.zeros(rows, dtype=torch.float64)
+                                                                        for _ in range(3)]
+    part = list(OPS.pg_row_stats(torch.randn(rows, 6), torch.randint(0, 6, (rows,)), 0))
+    torch.library.opcheck(OPS.pg_merge_row_stats_.default, (*running, *part))
+    with pytest.raises(TypeError, match="running statistics must be float64, got Float"):
+        OPS.pg_merge_row_stats_(*[t.float() for t in running], *part)
+    with pytest.raises(TypeError, match="float32 or float64, got Half"):
+        OPS.pg_merge_row_stats_(*running, *[p.half() for p in part])
+    with pytest.raises(TypeError, match="share one dtype"):
+        OPS.pg_merge_row_stats_(*running, *part[:3], part[3].double())
+    with pytest.raises(ValueError, match=r"every statistic must have shape \[5\], got \[4\]"):
+        OPS.pg_merge_row_stats_(*running, *part[:3], part[3][:4])
+    with pytest.raises(ValueError, match="1-d"):
+        OPS.pg_merge_row_stats_(*[t.view(5, 1) for t in running], *part)
+    with pytest.raises(ValueError, match="contiguous"):
+        OPS.pg_merge_row_stats_(*running, *part[:3], torch.randn(10)[::2])

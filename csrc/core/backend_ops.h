@@ -15,6 +15,9 @@
 //   empty(sizes, options)       -> an uninitialized tensor (per-row outputs)
 //   empty_logit_sized(rows, n, options)
 //                               -> the uninitialized (rows, n) gradient
+//   merge_row_stats(running, part)
+//                               folds a part's row statistics into running
+//                               float64 ones (pg_merge_row_stats_)
 //   upstream_grad(grad, rows, acc)
 //                               -> a loss's gradient as BackwardRows holds it
 //
@@ -145,6 +148,22 @@ struct BackendOps {
             out.action_logit.view(shape)};
   }
 
+  static void merge_row_stats(
+      const at::Tensor& max,
+      const at::Tensor& sum_exp,
+      const at::Tensor& shifted_sum,
+      const at::Tensor& action_logit,
+      const at::Tensor& part_max,
+      const at::Tensor& part_sum_exp,
+      const at::Tensor& part_shifted_sum,
+      const at::Tensor& part_action_logit) {
+    check_merge_row_stats(
+        {max, sum_exp, shifted_sum, action_logit}, {part_max, part_sum_exp, part_shifted_sum, part_action_logit});
+    const typename Backend::Guard guard(max.device());
+    ShardRows running{max, sum_exp, shifted_sum, action_logit};
+    Backend::merge_row_stats(running, ShardRows{part_max, part_sum_exp, part_shifted_sum, part_action_logit});
+  }
+
  private:
   static at::TensorOptions stats_options(const at::Tensor& logit) {
     return logit.options().dtype(acc_type(logit.scalar_type()));
@@ -189,15 +208,18 @@ struct BackendOps {
     Backend::backward(in, rows, grad_logit);
     return logit.dim() == 2 ? grad_logit : grad_logit.view(logit.sizes());
   }
+
 };
 
 // Registers a backend's kernels for every kernel op of the library.
+// (pg_merge_row_stats_ has no logits: BackendOps::merge_row_stats.)
 #define PGEXT_REGISTER_BACKEND_OPS(m, Backend)                                  \
   do {                                                                        \
     (m).impl("pg_error_forward", &::pgext::BackendOps<Backend>::forward);      \
     (m).impl("pg_error_backward", &::pgext::BackendOps<Backend>::backward);    \
     (m).impl("pg_row_stats", &::pgext::BackendOps<Backend>::row_stats);        \
     (m).impl("pg_grad_from_stats", &::pgext::BackendOps<Backend>::grad_from_stats); \
+    (m).impl("pg_merge_row_stats_", &::pgext::BackendOps<Backend>::merge_row_stats); \
   } while (0)
 
 }  // namespace pgext

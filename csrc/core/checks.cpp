@@ -198,6 +198,33 @@ at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const a
   return at::div(t, c10::Scalar(action.sym_numel()));
 }
 
+void check_merge_row_stats(at::TensorList running, at::TensorList part) {
+  constexpr const char* kOp = "pg_merge_row_stats_";
+  TORCH_INTERNAL_ASSERT(running.size() == 4 && part.size() == 4);
+  const at::Tensor& first = running[0];
+  TORCH_CHECK_VALUE(first.defined() && first.dim() == 1, kOp, ": statistics must be 1-d (rows,) tensors, got ",
+                    first.defined() ? first.sizes() : at::IntArrayRef{});
+  for (const at::TensorList& group : {running, part}) {
+    for (const at::Tensor& t : group) {
+      TORCH_CHECK_VALUE(t.defined() && t.sizes() == first.sizes(), kOp, ": every statistic must have shape ",
+                        first.sizes(), ", got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+      TORCH_CHECK_VALUE(t.device() == first.device(), kOp, ": statistics on ", t.device(), " and ", first.device());
+      TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": statistics must be contiguous");
+    }
+  }
+  for (const at::Tensor& t : running) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, kOp, ": running statistics must be float64, got ",
+                     t.scalar_type());
+  }
+  const auto part_dtype = part[0].scalar_type();
+  TORCH_CHECK_TYPE(part_dtype == at::kFloat || part_dtype == at::kDouble, kOp,
+                   ": a part's statistics must be float32 or float64, got ", part_dtype);
+  for (const at::Tensor& t : part) {
+    TORCH_CHECK_TYPE(t.scalar_type() == part_dtype, kOp, ": a part's statistics must share one dtype, got ",
+                     t.scalar_type(), " and ", part_dtype);
+  }
+}
+
 at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

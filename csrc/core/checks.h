@@ -92,6 +92,10 @@ void check_backward_inputs(
 // symbolic shapes (torch.compile with dynamic shapes).
 at::Tensor scale_for_reduction(const at::Tensor& t, Reduction reduction, const at::Tensor& action);
 
+// pg_merge_row_stats_'s inputs: eight (rows,) contiguous tensors on one
+// device, the running four float64, the part's four of one float dtype.
+void check_merge_row_stats(at::TensorList running, at::TensorList part);
+
 // Accumulation type of the kernels: float32 for every floating dtype but
 // float64, which accumulates in float64.
 at::ScalarType acc_type(at::ScalarType dtype);

@@ -59,6 +59,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats(
   return op.call(logit, action, vocab_start, temperature);
 }
 
+void pg_merge_row_stats_(
+    const at::Tensor& max,
+    const at::Tensor& sum_exp,
+    const at::Tensor& shifted_sum,
+    const at::Tensor& action_logit,
+    const at::Tensor& part_max,
+    const at::Tensor& part_sum_exp,
+    const at::Tensor& part_shifted_sum,
+    const at::Tensor& part_action_logit) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pgext::pg_merge_row_stats_", "")
+                       .typed<decltype(pg_merge_row_stats_)>();
+  op.call(max, sum_exp, shifted_sum, action_logit, part_max, part_sum_exp, part_shifted_sum, part_action_logit);
+}
+
 at::Tensor pg_grad_from_stats(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,

@@ -43,6 +43,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_row_stats(
     int64_t vocab_start,
     double temperature = 1.0);
 
+void pg_merge_row_stats_(
+    const at::Tensor& max,
+    const at::Tensor& sum_exp,
+    const at::Tensor& shifted_sum,
+    const at::Tensor& action_logit,
+    const at::Tensor& part_max,
+    const at::Tensor& part_sum_exp,
+    const at::Tensor& part_shifted_sum,
+    const at::Tensor& part_action_logit);
+
 at::Tensor pg_grad_from_stats(
     const at::Tensor& grad_policy,
     const at::Tensor& grad_entropy,

@@ -110,6 +110,21 @@ C10_HOST_DEVICE inline RowStats<acc_t> combine(RowStats<acc_t> a, RowStats<acc_t
   return r;
 }
 
+// Folds a part's statistics (pg_row_stats' max, sum_exp, shifted_sum and
+// action logit) into running ones, in float64: the action's logit is 0 in
+// every part but the one holding the action, so the parts' values add up.
+template <typename part_t>
+C10_HOST_DEVICE inline void merge_part(
+    double& m, double& s, double& u, double& x_action, part_t part_m, part_t part_s, part_t part_u,
+    part_t part_x_action) {
+  const RowStats<double> r = combine<double>(
+      {m, s, u}, {static_cast<double>(part_m), static_cast<double>(part_s), static_cast<double>(part_u)});
+  m = r.m;
+  s = r.s;
+  u = r.u;
+  x_action += static_cast<double>(part_x_action);
+}
+
 // Adds one logit to running statistics: the per-thread step of the GPU
 // kernels (the CPU ones take a block's max first, then its sums). One exp per
 // element, plus one when the max moves. tests/test_math_host.py runs it on the

@@ -78,6 +78,20 @@ at::Tensor pg_grad_from_stats_meta(
       grad_policy, grad_entropy, logit, action, ret, weight, lse, entropy, reduction, temperature);
 }
 
+// The checks alone: the running statistics are updated in place.
+void pg_merge_row_stats_meta(
+    const at::Tensor& max,
+    const at::Tensor& sum_exp,
+    const at::Tensor& shifted_sum,
+    const at::Tensor& action_logit,
+    const at::Tensor& part_max,
+    const at::Tensor& part_sum_exp,
+    const at::Tensor& part_shifted_sum,
+    const at::Tensor& part_action_logit) {
+  check_merge_row_stats(
+      {max, sum_exp, shifted_sum, action_logit}, {part_max, part_sum_exp, part_shifted_sum, part_action_logit});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pgext, Meta, m) {
@@ -85,6 +99,7 @@ TORCH_LIBRARY_IMPL(pgext, Meta, m) {
   m.impl("pg_error_backward", &pg_error_backward_meta);
   m.impl("pg_row_stats", &pg_row_stats_meta);
   m.impl("pg_grad_from_stats", &pg_grad_from_stats_meta);
+  m.impl("pg_merge_row_stats_", &pg_merge_row_stats_meta);
 }
 
 }  // namespace pgext

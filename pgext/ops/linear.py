@@ -58,9 +58,9 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
         ignore_index: samples whose action equals it get log_prob 0, entropy
             0 and no gradient, and are not range-checked.
         chunk_size: classes (vocabulary entries) per slice of logits formed
-            at a time; ``None``: as many as fit in about 8 MiB for all the
-            rows, at least 256 (rows are then tiled so that a 256-class slice
-            fits in 8 MiB).
+            at a time; ``None``: as many as fit in about 8 MiB (32 MiB on a
+            GPU) for all the rows, at least 256 (rows are then tiled so that
+            a 256-class slice fits in that budget).
 
     Returns:
         ``(log_prob, entropy)`` of the actions' shape, float32 (float64 for

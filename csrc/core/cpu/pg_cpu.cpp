@@ -2,6 +2,7 @@
 // CPU, the host-side action check and the deterministic batch reduction; the
 // host side shared with CUDA is in backend_ops.h.
 #include "../checks.h"
+#include "../row_math.h"
 #include "pg_cpu_alloc.h"
 #include "pg_cpu_kernel.h"
 
@@ -156,6 +157,24 @@ at::Tensor reduce_rows(const at::Tensor& rows, Reduction red, at::IntArrayRef sh
   return loss;
 }
 
+// A few float64 operations per row, for rows of one tile: one thread.
+void merge_row_stats(ShardRows& running, const ShardRows& part) {
+  double* m = running.max.mutable_data_ptr<double>();
+  double* s = running.sum_exp.mutable_data_ptr<double>();
+  double* u = running.shifted_sum.mutable_data_ptr<double>();
+  double* xa = running.action_logit.mutable_data_ptr<double>();
+  const int64_t rows = running.max.numel();
+  AT_DISPATCH_FLOATING_TYPES(part.max.scalar_type(), "pg_merge_row_stats_", [&] {
+    const scalar_t* pm = part.max.const_data_ptr<scalar_t>();
+    const scalar_t* ps = part.sum_exp.const_data_ptr<scalar_t>();
+    const scalar_t* pu = part.shifted_sum.const_data_ptr<scalar_t>();
+    const scalar_t* pxa = part.action_logit.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      math::merge_part(m[r], s[r], u[r], xa[r], pm[r], ps[r], pu[r], pxa[r]);
+    }
+  });
+}
+
 // The CPU backend of BackendOps (backend_ops.h).
 struct CpuBackend {
   struct Guard {
@@ -176,6 +195,10 @@ struct CpuBackend {
 
   static void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
     kernels(in.logit.scalar_type()).backward(in, rows, grad_logit);
+  }
+
+  static void merge_row_stats(ShardRows& running, const ShardRows& part) {
+    cpu::merge_row_stats(running, part);
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -1,6 +1,6 @@
 // CUDA backend of pgext's ops: the host side shared with the CPU backend
 // (backend_ops.h) around the launchers of pg_cuda_forward.cu,
-// pg_cuda_backward.cu and pg_cuda_reduce.cu. Same semantics, output dtypes
+// pg_cuda_backward.cu, pg_cuda_reduce.cu and pg_cuda_merge.cu. Same semantics, output dtypes
 // and shapes as on CPU.
 //
 // Nothing here synchronizes with the device or depends on tensor data, so
@@ -31,6 +31,10 @@ struct CudaBackend {
 
   static void backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit) {
     launch_backward(in, rows, grad_logit);
+  }
+
+  static void merge_row_stats(ShardRows& running, const ShardRows& part) {
+    launch_merge_row_stats(running, part);
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -26,6 +26,10 @@ void launch_row_stats(const RowInputs& in, int64_t vocab_start, ShardRows& out);
 // action must lie in [0, n): a device-side assert checks it.
 void launch_backward(const RowInputs& in, const BackwardRows& rows, at::Tensor& grad_logit);
 
+// pg_cuda_merge.cu: running float64 row statistics updated in place with a
+// part's (float32 or float64), one thread per row.
+void launch_merge_row_stats(ShardRows& running, const ShardRows& part);
+
 // pg_cuda_reduce.cu: the two losses from the per-row terms: 'none' casts them
 // to `dtype` in the shape of action; 'mean' and 'sum' reduce them in a fixed
 // order (one block, float64 partial sums, no atomics) into 0-d tensors.

@@ -19,7 +19,7 @@ struct LinearOptions {
   // linear_log_prob_entropy only: samples whose action equals it get 0 for
   // both outputs and no gradient, and are not range-checked.
   std::optional<int64_t> ignore_index = std::nullopt;
-  // Classes per slice; nullopt: about 8 MiB of logits per slice.
+  // Classes per slice; nullopt: about 8 MiB of logits per slice (32 MiB on a GPU).
   std::optional<int64_t> chunk_size = std::nullopt;
 };
 

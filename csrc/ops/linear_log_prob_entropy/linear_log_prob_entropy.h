@@ -19,22 +19,34 @@ constexpr int64_t kLinearChunkBytes = int64_t{128} << 20;
 int64_t linear_chunk_rows(int64_t rows, int64_t V, at::ScalarType dtype);
 
 // The tiling of the kernel ops' loops: class slices of `classes` classes
-// (`chunk_size` when given, else kLinearSliceBytes' worth of logits of all
-// the rows, at least kLinearMinSliceClasses), and row tiles of `rows` rows,
+// (`chunk_size` when given, else `slice_bytes`' worth of logits of all the
+// rows, at least kLinearMinSliceClasses), and row tiles of `rows` rows,
 // fewer than all only when the rows are so many that a slice of
-// kLinearMinSliceClasses classes would exceed the budget. Small slices stay
-// in cache between the GEMM that forms them and the row kernel that reads
-// them: at 1024 x 151936 (H = 896) slices of 8 to 64 MiB took the same time
-// or more (docs/fused-head.md), and peak memory grows with the slice.
+// kLinearMinSliceClasses classes would exceed the budget.
+//
+// On the CPU small slices stay in cache between the GEMM that forms them and
+// the row kernel that reads them: at 1024 x 151936 (H = 896) slices of 8 to
+// 64 MiB took the same time or more (docs/fused-head.md), and peak memory
+// grows with the slice. On a GPU a slice costs about seven launches, tens of
+// microseconds of host time, which an 8 MiB slice's GEMMs (about 10 us on an
+// H100 in bfloat16) would not cover: the budget grows with the logits, a
+// sixteenth of them (so that backward's two slices stay within an eighth),
+// up to 32 MiB, which still fits the L2 cache of an A100 or H100. (Chosen on
+// paper: no GPU has measured it; docs/fused-head.md.)
 constexpr int64_t kLinearSliceBytes = int64_t{8} << 20;
+constexpr int64_t kLinearSliceBytesGpuMax = int64_t{32} << 20;
 constexpr int64_t kLinearMinSliceClasses = 256;
+
+// The default slice budget for `rows` x `V` logits of `dtype` on `device`.
+int64_t linear_slice_bytes(const c10::Device& device, int64_t rows, int64_t V, at::ScalarType dtype);
 
 struct LinearTiles {
   int64_t rows = 1;
   int64_t classes = 1;
 };
 
-LinearTiles linear_tiles(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype);
+LinearTiles linear_tiles(
+    std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype, int64_t slice_bytes);
 
 // TypeError / ValueError naming the offending shape, dtype, device or
 // option. Metadata only (sym sizes): the Meta kernels run it too.

@@ -47,7 +47,9 @@ Flat flatten(
   if (ignore_index.has_value()) {
     f.keep = f.action != *ignore_index;
   }
-  f.tiles = linear_tiles(chunk_size, f.rows, linear_weight.size(0), input.scalar_type());
+  const int64_t V = linear_weight.size(0);
+  f.tiles = linear_tiles(
+      chunk_size, f.rows, V, input.scalar_type(), linear_slice_bytes(input.device(), f.rows, V, input.scalar_type()));
   return f;
 }
 
@@ -98,33 +100,22 @@ at::Tensor tile_buffer(const Flat& f, const at::Tensor& input) {
 }
 
 // The running statistics of one row tile over the class slices seen so far,
-// in float64 so that the merge's rescalings do not depend on the slicing.
+// in float64 so that the merge's rescalings do not depend on the slicing:
+// each slice's pg_row_stats is folded in by one pg_merge_row_stats_ call
+// (math::combine, as pgext.distributed merges shards; pg_math.md).
 struct RowStats {
   at::Tensor max, sum_exp, shifted_sum, action_logit;
 
-  // Folds in one slice's pg_row_stats, as pgext.distributed merges shards
-  // (pg_math.md): both parts are rescaled to the new maximum. A part whose
-  // row is all -inf (scale 0) contributes nothing, and a row that is -inf
-  // so far gets no rescaling (-inf - -inf is NaN); NaN logits still propagate.
+  RowStats(int64_t rows, const at::TensorOptions& options) {
+    const auto f64 = options.dtype(at::kDouble);
+    max = at::full({rows}, -INFINITY, f64);
+    sum_exp = at::zeros({rows}, f64);
+    shifted_sum = at::zeros({rows}, f64);
+    action_logit = at::zeros({rows}, f64);
+  }
+
   void merge(const at::Tensor& m, const at::Tensor& s, const at::Tensor& q, const at::Tensor& xa) {
-    const at::Tensor md = m.to(at::kDouble), sd = s.to(at::kDouble), qd = q.to(at::kDouble);
-    if (!max.defined()) {
-      max = md, sum_exp = sd, shifted_sum = qd, action_logit = xa.to(at::kDouble);
-      return;
-    }
-    const at::Tensor new_max = at::maximum(max, md);
-    const auto rescale = [&](const at::Tensor& part_max, const at::Tensor& se, const at::Tensor& ss) {
-      const at::Tensor shift = part_max - new_max;
-      const at::Tensor scale = at::exp(shift);
-      const at::Tensor empty = at::logical_or(scale == 0, new_max == -INFINITY);
-      return std::make_pair(at::where(empty, 0.0, scale * se), at::where(empty, 0.0, scale * (ss + shift * se)));
-    };
-    const auto [s_old, q_old] = rescale(max, sum_exp, shifted_sum);
-    const auto [s_new, q_new] = rescale(md, sd, qd);
-    max = new_max;
-    sum_exp = s_old + s_new;
-    shifted_sum = q_old + q_new;
-    action_logit = action_logit + xa.to(at::kDouble);
+    ops::pg_merge_row_stats_(max, sum_exp, shifted_sum, action_logit, m, s, q, xa);
   }
 };
 
@@ -151,7 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
     const at::Tensor x = f.x.narrow(0, r0, rn);
     const at::Tensor a = f.action.narrow(0, r0, rn);
-    RowStats st;
+    if (V == 0) {  // the checks leave only empty rows here
+      continue;
+    }
+    RowStats st(rn, input.options());
     for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
       const int64_t cn = std::min(f.tiles.classes, V - c0);
       const at::Tensor z = tile_logits(
@@ -160,9 +154,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
       // ignored rows' actions are never read as indices
       auto [m, s, q, xa] = ops::pg_row_stats(z, a, c0, 1.0);
       st.merge(m, s, q, xa);
-    }
-    if (!st.max.defined()) {  // V == 0: the checks leave only empty rows here
-      continue;
     }
     const at::Tensor log_total = at::log(st.sum_exp);
     // the kernels' form (pg_math.h): log p(a) = (x_a - max) - log S
@@ -211,8 +202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   if (!want_input && !want_weight && !want_bias) {
     return {grad_input, grad_weight, grad_bias};
   }
-  const at::Tensor g_lp = grad_log_prob.reshape({f.rows}).to(acc);
-  const at::Tensor g_ent = grad_entropy.reshape({f.rows}).to(acc);
+  // contiguous once here (the gradient of a sum is an expanded view), not
+  // copied again by every slice's pg_grad_from_stats
+  const at::Tensor g_lp = grad_log_prob.reshape({f.rows}).to(acc).contiguous();
+  const at::Tensor g_ent = grad_entropy.reshape({f.rows}).to(acc).contiguous();
   const at::Tensor row_lse = lse.reshape({f.rows}).to(at::kDouble);
   const at::Tensor row_entropy = entropy.reshape({f.rows}).to(acc);
   const at::Tensor minus_one = at::full({}, -1.0, input.options().dtype(acc));

@@ -19,13 +19,23 @@ int64_t linear_chunk_rows(int64_t rows, int64_t V, at::ScalarType dtype) {
   return std::max<int64_t>(1, std::min(chunk, rows));
 }
 
-LinearTiles linear_tiles(std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype) {
+int64_t linear_slice_bytes(const c10::Device& device, int64_t rows, int64_t V, at::ScalarType dtype) {
+  if (device.is_cpu()) {
+    return kLinearSliceBytes;
+  }
+  // rows * V * elt / 16 without overflow: V and the element size are small
+  const int64_t sixteenth = rows / 16 * V * static_cast<int64_t>(c10::elementSize(dtype));
+  return std::clamp(sixteenth, kLinearSliceBytes, kLinearSliceBytesGpuMax);
+}
+
+LinearTiles linear_tiles(
+    std::optional<int64_t> chunk_size, int64_t rows, int64_t V, at::ScalarType dtype, int64_t slice_bytes) {
   const int64_t elt = static_cast<int64_t>(c10::elementSize(dtype));
   LinearTiles t;
-  t.rows = std::max<int64_t>(1, std::min(rows, kLinearSliceBytes / (kLinearMinSliceClasses * elt)));
+  t.rows = std::max<int64_t>(1, std::min(rows, slice_bytes / (kLinearMinSliceClasses * elt)));
   const int64_t classes = chunk_size.has_value()
       ? *chunk_size
-      : std::max(kLinearMinSliceClasses, kLinearSliceBytes / (t.rows * elt));
+      : std::max(kLinearMinSliceClasses, slice_bytes / (t.rows * elt));
   t.classes = std::max<int64_t>(1, std::min(classes, V));
   return t;
 }
