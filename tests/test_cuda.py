@@ -34,7 +34,7 @@ from conftest import (
     subprocess_env,
 )
 
-KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_from_stats")
+KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_from_stats", "pg_merge_row_stats_")
 BUILD_LOG = ROOT / "build" / "build_ext.log"
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

@@ -31,7 +31,7 @@ CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "core" / "cuda"
 NAMESPACE = "pgext_cuda_host"
 #: pgext's kernel ops, registered in NAMESPACE by csrc/core/cuda/pg_cuda.cu (at least these).
-KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_from_stats")
+KERNEL_OPS = ("pg_error_forward", "pg_error_backward", "pg_row_stats", "pg_grad_from_stats", "pg_merge_row_stats_")
 
 # Comments and string literals: comments are blanked (newlines kept) before
 # the launch syntax is searched, strings are left alone.
