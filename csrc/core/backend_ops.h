@@ -208,7 +208,6 @@ struct BackendOps {
     Backend::backward(in, rows, grad_logit);
     return logit.dim() == 2 ? grad_logit : grad_logit.view(logit.sizes());
   }
-
 };
 
 // Registers a backend's kernels for every kernel op of the library.

@@ -39,8 +39,7 @@ TORCH_LIBRARY(pgext, m) {
   // Folds one part's pg_row_stats (float32 or float64, (rows,) each) into
   // running statistics of the same rows (float64, (rows,), updated in place),
   // as math::combine merges two parts of a row: one launch per class slice of
-  // the fused output layer, where the merge in ATen ops took about twenty.
-  // Running statistics start as max -inf and zeros.
+  // the fused output layer. Running statistics start as max -inf and zeros.
   m.def(
       "pg_merge_row_stats_(Tensor(a!) max, Tensor(b!) sum_exp, Tensor(c!) shifted_sum, "
       "Tensor(d!) action_logit, Tensor part_max, Tensor part_sum_exp, Tensor part_shifted_sum, "

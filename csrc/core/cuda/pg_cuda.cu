@@ -1,7 +1,7 @@
 // CUDA backend of pgext's ops: the host side shared with the CPU backend
 // (backend_ops.h) around the launchers of pg_cuda_forward.cu,
-// pg_cuda_backward.cu, pg_cuda_reduce.cu and pg_cuda_merge.cu. Same semantics, output dtypes
-// and shapes as on CPU.
+// pg_cuda_backward.cu, pg_cuda_reduce.cu and pg_cuda_merge.cu. Same
+// semantics, output dtypes and shapes as on CPU.
 //
 // Nothing here synchronizes with the device or depends on tensor data, so
 // forward and backward can be captured in a CUDA graph. Out-of-range actions

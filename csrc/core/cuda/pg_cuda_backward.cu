@@ -72,8 +72,8 @@ __device__ __forceinline__ void backward_row(
     CUDA_KERNEL_ASSERT_MSG(in_range, "pgext: action out of range: expected 0 <= action < N");
   }
   auto c = math::grad_coef(
-      p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride], p.ret[r * p.ret_stride], w,
-      p.entropy[r], p.inv_count);
+      p.grad_policy[r * p.grad_policy_stride], p.grad_entropy[r * p.grad_entropy_stride],
+      p.ret[r * p.ret_stride], w, p.entropy[r], p.inv_count);
   if (!in_range) {
     c.k = std::numeric_limits<acc_t>::quiet_NaN();
     c.c_entropy = c.k;

@@ -8,8 +8,10 @@
 TORCH_LIBRARY_FRAGMENT(pgext, m) {
   // log_prob_entropy(F.linear(input, linear_weight, linear_bias) / temperature,
   // action, ignore_index) without the (tokens, V) logits: class slices of
-  // chunk_size classes (None: about 8 MiB of logits each on the CPU, 32 MiB
-  // on a GPU, rows tiled too when there are many), recomputed in backward. Differentiable with respect to input, linear_weight and linear_bias.
+  // chunk_size classes (None: about 8 MiB of logits each on the CPU, up to
+  // 32 MiB on a GPU, rows tiled too when there are many), recomputed in
+  // backward. Differentiable with respect to input, linear_weight and
+  // linear_bias.
   m.def(
       "linear_log_prob_entropy(Tensor input, Tensor linear_weight, Tensor action, Tensor? linear_bias=None, "
       "float temperature=1.0, int? ignore_index=None, int? chunk_size=None) -> (Tensor log_prob, Tensor entropy)");
