@@ -142,9 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const int64_t rn = std::min(f.tiles.rows, f.rows - r0);
     const at::Tensor x = f.x.narrow(0, r0, rn);
     const at::Tensor a = f.action.narrow(0, r0, rn);
-    if (V == 0) {  // the checks leave only empty rows here
-      continue;
-    }
     RowStats st(rn, input.options());
     for (int64_t c0 = 0; c0 < V; c0 += f.tiles.classes) {
       const int64_t cn = std::min(f.tiles.classes, V - c0);
