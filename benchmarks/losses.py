@@ -3,9 +3,9 @@
     python benchmarks/losses.py                      # both THP modes, the default shapes
     python benchmarks/losses.py --quick              # small shapes only (what the tests run)
 
-Forward + backward, median ms over interleaved rounds (with the spread, min-max
-of the middle half), one process per page-fault mode (THP_MEM_ALLOC_ENABLE
-counts only before torch is imported):
+Forward + backward, median ms over interleaved rounds whose order rotates (with
+the spread, min-max of the middle half), one process per page-fault mode
+(THP_MEM_ALLOC_ENABLE counts only before torch is imported):
 
 log_prob_entropy at (rows x N), float32 and bfloat16, upstream gradient to both outputs:
   pgext        pgext.log_prob_entropy
@@ -77,10 +77,13 @@ def _time(steps: dict, rounds: int, budget: float) -> dict:
     per_round = max(time.perf_counter() - t0, 1e-6)
     rounds = max(3, min(rounds, int(budget / per_round)))
     times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, step in steps.items():
+    order = list(steps)
+    # The order rotates each round: a step that always ran right after eager's
+    # would pay the page faults and cache misses eager leaves behind.
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:
             t = time.perf_counter()
-            step()
+            steps[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
     out = {}
     for k, v in times.items():
