@@ -12,6 +12,9 @@ log_prob_entropy at (rows x N), float32 and bfloat16, upstream gradient to both 
   pg_error     pgext.pg_error (the same kernels with one reduction): the 1.1x target
   eager        log_softmax, gather, entropy from the probabilities (TRL/verl style)
   compiled     torch.compile of eager (compiled once per shape, untimed)
+  read         logit.sum(): one read of the logits, the yardstick of memory
+               traffic (forward + backward reads them twice and writes the
+               gradient once, so it costs at least about three reads)
 
 ppo_policy_error at (rows x N), float32, DI-engine's defaults, loss backpropagated:
   pgext        pgext.ppo_policy_error
@@ -107,7 +110,8 @@ def worker(args) -> dict:
             ups = [torch.randn(rows), torch.randn(rows)]
             steps = {"pgext": _lpe_step(pgext.log_prob_entropy, logit, action, ups),
                      "pg_error": _pg_error_step(logit, action, ups),
-                     "eager": _lpe_step(_eager, logit, action, ups)}
+                     "eager": _lpe_step(_eager, logit, action, ups),
+                     "read": logit.sum}
             if compiled is not None:
                 steps["compiled"] = _lpe_step(compiled, logit, action, ups)
             print(f"log_prob_entropy {rows}x{n} {dtype}", file=sys.stderr, flush=True)
@@ -130,16 +134,19 @@ def _cell(m: dict) -> str:
 def report(mode: dict) -> str:
     lines = [f"### THP {'on' if mode['thp'] else 'off'}", "",
              "log_prob_entropy, forward + backward, median ms (middle half):", "",
-             "| shape | dtype | pgext | pg_error | eager | compiled | pgext / pg_error | eager / pgext | compiled / pgext |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | dtype | pgext | pg_error | eager | compiled | read | pgext / pg_error | eager / pgext "
+             "| compiled / pgext | pgext / read | eager / read |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in mode["lpe"]:
         ms = r["ms"]
         p = ms["pgext"]["median"]
         comp = ms.get("compiled")
         comp_cell, comp_ratio = (_cell(comp), f"{comp['median'] / p:.1f}") if comp else ("n/a", "n/a")
+        read = ms["read"]["median"]
         lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['dtype']} | {_cell(ms['pgext'])} | "
-                     f"{_cell(ms['pg_error'])} | {_cell(ms['eager'])} | {comp_cell} | "
-                     f"{p / ms['pg_error']['median']:.2f} | {ms['eager']['median'] / p:.1f} | {comp_ratio} |")
+                     f"{_cell(ms['pg_error'])} | {_cell(ms['eager'])} | {comp_cell} | {_cell(ms['read'])} | "
+                     f"{p / ms['pg_error']['median']:.2f} | {ms['eager']['median'] / p:.1f} | {comp_ratio} | "
+                     f"{p / read:.1f} | {ms['eager']['median'] / read:.0f} |")
     lines += ["", "ppo_policy_error (float32), forward + backward, median ms (middle half):", "",
               "| shape | pgext | reference | reference / pgext |", "| --- | --- | --- | --- |"]
     for r in mode["ppo"]:

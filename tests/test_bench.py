@@ -80,7 +80,7 @@ def test_losses_script(tmp_path):
     (mode,) = json.loads(out.read_text())
     assert mode["thp"] is False
     for rec in mode["lpe"]:
-        assert set(rec["ms"]) == {"pgext", "pg_error", "eager"}
+        assert set(rec["ms"]) == {"pgext", "pg_error", "eager", "read"}
         assert all(m["median"] > 0 and m["runs"] >= 3 for m in rec["ms"].values())
     for rec in mode["ppo"]:
         assert set(rec["ms"]) == {"pgext", "reference"}
