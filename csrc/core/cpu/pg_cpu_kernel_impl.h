@@ -4,9 +4,9 @@
 // Rows are processed in cache blocks of kBlock logits. Forward takes each
 // block's max, then its exp sums from cache (so memory is read once; half
 // types are converted in registers, both times) while prefetching the
-// thread's next block, and merges block statistics in block order. The order never depends on the
-// thread count, so a row split across threads gives bitwise the same result
-// as a row done by one thread.
+// thread's next block, and merges block statistics in block order. The order
+// never depends on the thread count, so a row split across threads gives
+// bitwise the same result as a row done by one thread.
 #include "pg_cpu_kernel.h"
 #include "pg_cpu_rows.h"
 #include "pg_cpu_short_rows.h"
