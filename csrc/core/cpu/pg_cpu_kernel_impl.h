@@ -45,6 +45,32 @@ constexpr int64_t kBlock = 4096;
 // until anyone reads them.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
+// The logits as cache blocks in row-major order, block t = r * nblocks + b
+// being block b of row r: the order in which both passes walk them, so that
+// block t + 1 is what a thread reads next (prefetch_next).
+template <typename scalar_t>
+struct LogitBlocks {
+  explicit LogitBlocks(const RowInputs& in) : logit(in), n(in.n), nblocks((in.n + kBlock - 1) / kBlock) {}
+  int64_t count() const {
+    return logit.rows * nblocks;
+  }
+  int64_t row(int64_t t) const {
+    return t / nblocks;
+  }
+  int64_t start(int64_t t) const {
+    return (t % nblocks) * kBlock;
+  }
+  const scalar_t* data(int64_t t) const {
+    return logit.row(row(t)) + start(t);
+  }
+  int64_t len(int64_t t) const {
+    return std::min(kBlock, n - start(t));
+  }
+  LogitRows<scalar_t> logit;
+  int64_t n;
+  int64_t nblocks;
+};
+
 // 2W logits at x as two vectors of the accumulation type, for the block
 // statistics (maxima and sums, so bfloat16 may come in its cheaper even/odd
 // order): half types are converted in registers, so that a block is never
@@ -145,7 +171,7 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, 
     } else {
       d = shifted(x_acc, vm);
     }
-    const V e = vexp(d);
+    const V e = vexp_bounded(d);  // d <= 0: x less the block's max
     s = s + e;
     u = at::vec::fmadd(e, d, u);
   };
@@ -178,33 +204,29 @@ RowStats<at::opmath_type<scalar_t>> block_stats(const scalar_t* x, int64_t len, 
 template <typename scalar_t, typename Emit>
 void for_each_row_stats(const RowInputs& in, const Emit& emit) {
   using acc_t = at::opmath_type<scalar_t>;
-  const LogitRows<scalar_t> logit(in);
-  const int64_t n = in.n;
+  const LogitBlocks<scalar_t> blocks(in);
   const int64_t rows = in.rows;
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const int64_t nblocks = blocks.nblocks;
   const acc_t inv_t = static_cast<acc_t>(in.inv_temperature);
-  const auto row = [&](int64_t r) { return logit.row(r); };
-  const auto stats_of_block = [&](int64_t r, int64_t b) {
-    const int64_t start = b * kBlock;
-    const int64_t len = std::min(kBlock, n - start);
-    // the row's next block, or the next row's first (this thread's next task
-    // but at the end of its range)
-    const bool last = b + 1 == nblocks;
-    const scalar_t* next = !last ? row(r) + start + kBlock : r + 1 < rows ? row(r + 1) : nullptr;
-    const int64_t next_len = next == nullptr ? 0 : std::min(kBlock, last ? n : n - start - kBlock);
-    return inv_t == acc_t(1) ? block_stats<false>(row(r) + start, len, inv_t, next, next_len)
-                             : block_stats<true>(row(r) + start, len, inv_t, next, next_len);
+  const auto row = [&](int64_t r) { return blocks.logit.row(r); };
+  const auto stats_of_block = [&](int64_t t) {
+    // the block after, this thread's next but at the end of its range
+    const bool has_next = t + 1 < blocks.count();
+    const scalar_t* next = has_next ? blocks.data(t + 1) : nullptr;
+    const int64_t next_len = has_next ? blocks.len(t + 1) : 0;
+    return inv_t == acc_t(1) ? block_stats<false>(blocks.data(t), blocks.len(t), inv_t, next, next_len)
+                             : block_stats<true>(blocks.data(t), blocks.len(t), inv_t, next, next_len);
   };
 
   const bool split_rows = nblocks > 1 && rows < 4 * at::get_num_threads();
   if (!split_rows) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / n);
+    const int64_t grain = std::max<int64_t>(1, kGrain / blocks.n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (const auto r : c10::irange(begin, end)) {
         // combine(empty, block) is exactly `block`: start from block 0.
-        RowStats<acc_t> st = stats_of_block(r, 0);
+        RowStats<acc_t> st = stats_of_block(r * nblocks);
         for (const auto b : c10::irange(1, nblocks)) {
-          st = math::combine(st, stats_of_block(r, b));
+          st = math::combine(st, stats_of_block(r * nblocks + b));
         }
         emit(r, row(r), st);
       }
@@ -212,10 +234,10 @@ void for_each_row_stats(const RowInputs& in, const Emit& emit) {
     return;
   }
   // Few long rows: block statistics in parallel, then the same ordered merge.
-  std::vector<RowStats<acc_t>> partial(rows * nblocks);
-  at::parallel_for(0, rows * nblocks, 1, [&](int64_t begin, int64_t end) {
+  std::vector<RowStats<acc_t>> partial(blocks.count());
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t begin, int64_t end) {
     for (const auto t : c10::irange(begin, end)) {
-      partial[t] = stats_of_block(t / nblocks, t % nblocks);
+      partial[t] = stats_of_block(t);
     }
   });
   for (const auto r : c10::irange(rows)) {
@@ -258,15 +280,14 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
   constexpr int64_t W = V::size();
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
 
-  const LogitRows<scalar_t> logit(in);
+  const LogitBlocks<scalar_t> blocks(in);
   const int64_t n = in.n;
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
   scalar_t* out = grad_logit.mutable_data_ptr<scalar_t>();
 
   // Gradients too large for the caches are streamed (pg_cpu_vec.h) from a
   // block buffer.
   const bool stream = in.rows * n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
-  const int64_t tasks = in.rows * nblocks;
+  const int64_t tasks = blocks.count();
   const V vscale(static_cast<acc_t>(in.inv_temperature));
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(n, kBlock));
   // The whole loop once per case, so that without a temperature (kScaled
@@ -277,23 +298,19 @@ void backward_typed(const RowInputs& in, const BackwardSource<at::opmath_type<sc
       std::vector<acc_t> gbuf(!kConvert && stream ? kBlock : 0);
       std::vector<scalar_t> sbuf(kConvert && stream ? kBlock : 0);
       for (const auto t : c10::irange(begin, end)) {
-        const int64_t r = t / nblocks;
-        const int64_t start = (t % nblocks) * kBlock;
-        const int64_t len = std::min(kBlock, n - start);
-        const auto c = src.coef(r);
-        const scalar_t* x = logit.row(r) + start;
+        const int64_t r = blocks.row(t);
+        const int64_t start = blocks.start(t);
+        const int64_t len = blocks.len(t);
+        const auto c = src.template coef<kBf16EvenOddRounding<scalar_t>>(r);
+        const scalar_t* x = blocks.data(t);
         scalar_t* dst = out + r * n + start;
         const int64_t a = src.action_column(r) - start;  // the one-hot entry, if in [0, len)
         // this thread's next block, prefetched during this one (prefetch_next)
-        const scalar_t* next_x = nullptr;
-        int64_t next_len = 0;
-        if (t + 1 < end) {
-          const int64_t next_start = ((t + 1) % nblocks) * kBlock;
-          next_x = logit.row((t + 1) / nblocks) + next_start;
-          next_len = std::min(kBlock, n - next_start);
-        }
+        const bool has_next = t + 1 < end;
+        const scalar_t* next_x = has_next ? blocks.data(t + 1) : nullptr;
+        const int64_t next_len = has_next ? blocks.len(t + 1) : 0;
 
-        const auto lse = src.row_lse(r);
+        const auto lse = src.template row_lse<kBf16EvenOddRounding<scalar_t>>(r);
         const V vhi(lse.hi);
         const V vneg_hi(-lse.hi);
         const V vlo(lse.lo);

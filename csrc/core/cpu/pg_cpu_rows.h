@@ -9,6 +9,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <limits>
+
 namespace pgext {
 namespace cpu {
 namespace CPU_CAPABILITY {
@@ -139,9 +141,15 @@ struct BackwardSource {
         entropy(rows.entropy.const_data_ptr<acc_t>()),
         inv_count(math::grad_scale<acc_t>(rows.inv_count, in.inv_temperature)) {}
 
+  // kDefaultNan: with every NaN the default NaN (see default_nan).
+  template <bool kDefaultNan = false>
   math::RowGradCoef<acc_t> coef(int64_t r) const {
     const acc_t w = weight ? weight[r] : acc_t(1);
-    return math::grad_coef(g_pol[r], g_ent[r], ret[r * ret_stride], w, entropy[r], inv_count);
+    const auto c = math::grad_coef(g_pol[r], g_ent[r], ret[r * ret_stride], w, entropy[r], inv_count);
+    if constexpr (kDefaultNan) {
+      return {default_nan(c.c_policy), default_nan(c.c_entropy), default_nan(c.k)};
+    }
+    return c;
   }
 
   // The action's column within the row (or shard), or -1 when another shard
@@ -150,8 +158,22 @@ struct BackwardSource {
     return math::shard_column(action[r], vocab_start, n);
   }
 
+  template <bool kDefaultNan = false>
   math::SplitLse<acc_t> row_lse(int64_t r) const {
-    return math::split_lse<acc_t>(lse[r]);
+    const auto l = math::split_lse<acc_t>(lse[r]);
+    if constexpr (kDefaultNan) {
+      return {default_nan(l.hi), default_nan(l.lo)};
+    }
+    return l;
+  }
+
+  // A NaN replaced by the default NaN, for the AVX2 bfloat16 rounding of the
+  // per-row loop, which keeps a NaN a NaN only where its low 16 bits are zero
+  // (bf16_rounded_high): a user's NaN (a return, an upstream gradient, a
+  // log-sum-exp handed to a shard) may carry any payload. Short rows skip the
+  // tests, which cost a bfloat16 (4096, 2) backward a tenth.
+  static acc_t default_nan(acc_t v) {
+    return v == v ? v : std::numeric_limits<acc_t>::quiet_NaN();
   }
 
   const int64_t* action;

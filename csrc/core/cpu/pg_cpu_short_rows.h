@@ -89,7 +89,7 @@ inline TileStats<acc_t> tile_stats(const acc_t* tile, int64_t n, const Vectorize
   V s(zero), u(zero);
   for (int64_t j = 0; j < n; ++j) {
     const V d = scaled_shifted(V::loadu(tile + j * W), scale, neg_shift);
-    const V e = vexp(d);
+    const V e = vexp_bounded(d);  // d <= 0: x less the row's max
     s = s + e;
     u = at::vec::fmadd(e, d, u);
   }
@@ -270,7 +270,11 @@ void backward_short_rows(const RowInputs& in, const BackwardSource<at::opmath_ty
             }
             store_bf16_tile(pairs, live, n, out + r0 * n);
           };
-          if (n >= 8 && all_factorable(vk, vce)) {
+          // bf16_merge_rounded keeps a NaN a NaN only if its low 16 bits are
+          // zero, as a logit's are: a tile with a NaN log-sum-exp (of any
+          // payload) takes the path below, as all_factorable sends NaN k and
+          // cE there (a NaN cP makes k NaN).
+          if (n >= 8 && all_factorable(vk, vce) && (vneg_hi.isnan() | vlo.isnan()).zero_mask() == kAllLanes) {
             // With cE == 0, k - cE * t is k itself unless k is a zero: where
             // no lane's k is, p * (k - cE * t) is p * k, a product that meets
             // the one-hot term as the factored one does.

@@ -124,18 +124,17 @@ inline void prefetch_next(const scalar_t* next, int64_t i, int64_t next_len) {
 #endif
 }
 
-// exp(t) for t >= exp_floor<float>() (what `shifted` returns), with the
-// polynomial of at::vec's exp_u20 and so its accuracy, in 12 instructions
-// rather than 19: with t bounded below, the range reduction needs no masks.
-// n = round(t / ln 2) comes from adding 1.5 * 2^23 + 127, which leaves n + 127
-// in the low mantissa bits, and shifting those bits up is 2^n. t <= -88 gives
-// n + 127 = 0, so 2^n and the result are exactly 0; t above ln(FLT_MAX) is
-// clamped there and gives inf, as exp_u20 does. NaN stays NaN.
-inline Vectorized<float> vexp(const Vectorized<float>& t) {
+// exp(t) for exp_floor<float>() <= t <= ln(FLT_MAX) (the forward's `shifted`
+// logits: a logit less its block's or tile's max, so t <= 0), with the
+// polynomial of at::vec's exp_u20 and so its accuracy, in 11 instructions
+// rather than 19: with t bounded on both sides, the range reduction needs no
+// masks. n = round(t / ln 2) comes from adding 1.5 * 2^23 + 127, which leaves
+// n + 127 in the low mantissa bits, and shifting those bits up is 2^n. t <=
+// -88 gives n + 127 = 0, so 2^n and the result are exactly 0. NaN stays NaN.
+inline Vectorized<float> vexp_bounded(const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   using V = Vectorized<float>;
   using namespace vexp_const;
-  const V x = at::vec::clamp_max(t, V(kTop));
   const V z = at::vec::fmadd(x, V(kLog2e), V(kMagic));
   const V r = at::vec::fnmadd(z - V(kMagic), V(kLn2), x);
   // The polynomial in Estrin's order: three dependent steps instead of
@@ -149,6 +148,22 @@ inline Vectorized<float> vexp(const Vectorized<float>& t) {
   const V lo = at::vec::fmadd(V(kC1), r, V(kC0));
   const V q = at::vec::fmadd(at::vec::fmadd(hi, r2, mid), r2, lo);
   return q * exp2_of_magic(z);
+#else
+  return x.exp_u20();
+#endif
+}
+inline Vectorized<double> vexp_bounded(const Vectorized<double>& x) {
+  return x.exp();
+}
+
+// vexp_bounded for any t >= exp_floor<float>(), as backward's exponents: x
+// less a log-sum-exp that the kernel is handed (a shard's gradient takes the
+// merged one), so nothing here bounds it above. t above ln(FLT_MAX) is
+// clamped there and gives inf, as exp_u20 does, where the shift into the
+// exponent field would wrap.
+inline Vectorized<float> vexp(const Vectorized<float>& t) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return vexp_bounded(at::vec::clamp_max(t, Vectorized<float>(vexp_const::kTop)));
 #else
   return t.exp_u20();
 #endif
@@ -288,11 +303,12 @@ inline std::pair<Vectorized<float>, Vectorized<float>> load_bf16_even_odd(const 
 //    (float's smallest normal) come out as zero there.
 //  - AVX2: at::vec's software rounding, but on the even/odd pair: an even
 //    value's bfloat16 is the low half of its rounded lane, an odd value's the
-//    high half, so the two vectors merge in order with one OR, where at::vec
-//    packs and permutes across lanes. The same bits as at::vec (NaN becomes
-//    0xFFFF). Together with the even/odd load (two instructions instead of
-//    six) that took a bfloat16 backward (AVX2, one thread) from 7.84 to
-//    7.44 ms at 4096 x 1000 and from 383 to 338 us at 4096 x 18.
+//    high half, so the two vectors merge in order with one blend, where at::vec
+//    packs and permutes across lanes. The same bits as at::vec, but for a
+//    NaN, which stays a NaN without at::vec's test for it (see
+//    bf16_rounded_high). Together with the even/odd load (two instructions
+//    instead of six) that took a bfloat16 backward (AVX2, one thread) from
+//    7.84 to 7.44 ms at 4096 x 1000 and from 383 to 338 us at 4096 x 18.
 //  - the AVX512 build (CPUs without AVX512_BF16) and the portable one:
 //    at::vec, in order.
 enum class Bf16Rounding { kAtVec, kInstructions, kEvenOddSoftware };
@@ -339,19 +355,25 @@ inline int64_t half_pair_slot(int64_t j) {
 
 #if defined(CPU_CAPABILITY_AVX2)
 // The float bits of v plus at::vec's round-to-nearest-even bias: the rounded
-// bfloat16 is the high half. NaN lanes become all ones (bfloat16 0xFFFF).
+// bfloat16 is the high half. A NaN whose low 16 bits are zero stays the same
+// NaN there (the bias cannot carry out of the low half), and every NaN of the
+// backward kernels is one: a bfloat16 logit's or the default NaN (the
+// per-row loop takes its coefficients with any NaN replaced by the default
+// one, default_nan, and tiles with a NaN coefficient round with at::vec);
+// arithmetic keeps an operand's NaN. So the kernels skip at::vec's test for
+// NaN (with which a NaN rounds to 0xFFFF), two of the six instructions per
+// vector.
 inline __m256i bf16_rounded_high(const Vectorized<float>& v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7fff));
-  return _mm256_or_si256(rounded, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7fff));
 }
 
 // Each lane of `low` and `high` rounded to nearest even, the two bfloat16 in
 // one 32-bit lane: `low`'s in the low half (first in memory).
 inline __m256i bf16_merge_rounded(const Vectorized<float>& low, const Vectorized<float>& high) {
   const __m256i low_words = _mm256_srli_epi32(bf16_rounded_high(low), 16);
-  return _mm256_or_si256(low_words, _mm256_and_si256(bf16_rounded_high(high), _mm256_set1_epi32(~0xFFFF)));
+  return _mm256_blend_epi16(low_words, bf16_rounded_high(high), 0xAA);  // odd words: high's
 }
 
 // W bfloat16 values at x as one float vector, in order.
