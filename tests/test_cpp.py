@@ -540,7 +540,7 @@ def test_cpp_tests_under_address_and_undefined_sanitizers(scripted_module):
     """libpgext (CPU kernels) and the C++ tests built with -fsanitize=address,undefined: zero reports."""
     flags = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
     # -O1 -g1 (line tables: reports still name file and line) compiles in half
-    # the time of -O2 -g; ASan's own documentation recommends -O1.
+    # the time of -O2 -g; ASan's documentation asks for -O1 or higher.
     san = [f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_SHARED_LINKER_FLAGS={flags}",
            f"-DCMAKE_EXE_LINKER_FLAGS={flags}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
            "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG"]
