@@ -2,12 +2,15 @@
 // twins of pgext/losses/ppo.py and pgext/losses/a2c.py: log_prob_entropy (or pg_error) for
 // the categorical part, the fused ppo_surrogate and ppo_value ops for PPO's
 // losses, and a few ATen ops elsewhere, so autograd covers them.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/ops.h"
 #include "include/pgext/pgext.h"
 #include "ops/ppo_surrogate/ppo_surrogate.h"
 #include "ops/ppo_value/ppo_value.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/promote_types.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 

@@ -5,6 +5,7 @@
 #include <ATen/ExpandUtils.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/promote_types.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 

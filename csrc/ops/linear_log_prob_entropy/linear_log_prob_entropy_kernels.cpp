@@ -9,11 +9,23 @@
 // dispatcher ops are called (at::addmm, pgext kernel ops), so the same code runs on every backend
 // (CompositeExplicitAutograd) without a host synchronization, and the results
 // do not depend on the chunk size beyond the GEMMs' rounding.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/checks.h"
 #include "core/ops.h"
 #include "ops/linear_log_prob_entropy/linear_log_prob_entropy.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/log.h>
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/logical_or.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

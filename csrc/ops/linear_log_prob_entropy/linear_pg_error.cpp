@@ -3,10 +3,12 @@
 // CompositeImplicitAutograd on linear_log_prob_entropy: its chunked kernels
 // and autograd for the layer, ATen ops for the per-sample terms (so return_
 // and weight get gradients too, as pg_error's do).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/checks.h"
 #include "ops/linear_log_prob_entropy/linear_log_prob_entropy.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 namespace pgext {

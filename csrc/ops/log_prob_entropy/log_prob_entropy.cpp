@@ -12,10 +12,15 @@
 // The sampling temperature T is pg_error's: the kernels read each logit as
 // logit * (1 / T), so log_prob and entropy are those of logit / T without a
 // scaled copy of the logits, and the gradient is that of the composition.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/checks.h"
 #include "core/ops.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 namespace pgext {

@@ -1,6 +1,13 @@
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "ops/pg_error/pg_error_grad_composite.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 namespace pgext {
 

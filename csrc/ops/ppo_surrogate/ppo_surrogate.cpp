@@ -12,10 +12,23 @@
 // gradients match DI-engine's: min/max split the gradient evenly on ties
 // (surr1 == surr2 whenever the ratio lies inside the clip range) and clamp
 // passes it strictly inside its bounds only.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/checks.h"
 #include "ops/ppo_surrogate/ppo_surrogate.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/min.h>
+#include <ATen/ops/minimum.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -12,10 +12,22 @@
 // (both squared errors equal, as whenever the value is inside the clip range)
 // and passes it to both where one is NaN; clamp passes it strictly inside its
 // bounds only (not at value_old +- clip_ratio, nor for a NaN difference).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "core/checks.h"
 #include "ops/ppo_value/ppo_value.h"
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/logical_or.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
