@@ -38,7 +38,7 @@ demo: build
 	$(PY) -m pgext.demo
 
 test: build
-	$(PY) -m pytest tests -ra
+	$(PY) -m pytest tests -ra --durations=20
 
 # The README's table and plot: benchmarks/cpu_2core.{md,json,png}.
 bench: build

@@ -11,6 +11,7 @@ skip cleanly elsewhere.
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,18 @@ def test_build_log_cuda_architectures():
         assert f"code=sm_{sm}" in text, f"sm_{sm} missing from the nvcc command lines"
         if arch.endswith("+PTX"):
             assert f"code=compute_{sm}" in text, f"PTX for compute_{sm} missing"
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_built_without_debug_information_unless_asked():
+    """setup.py compiles with -g0 over Python's -g (about 50 MB of DWARF in
+    libpgext); PGEXT_DEBUG_INFO=1 at build time keeps it."""
+    library = pathlib.Path(pgext.__file__).parent / "lib" / "libpgext.so"
+    sections = subprocess.run(["readelf", "-SW", str(library)], capture_output=True, text=True, check=True).stdout
+    has_dwarf = ".debug_info" in sections
+    asked = os.environ.get("PGEXT_DEBUG_INFO", "0") == "1"
+    assert has_dwarf == asked, (f"{library} {'has' if has_dwarf else 'lacks'} DWARF with PGEXT_DEBUG_INFO "
+                                f"{'=1' if asked else 'unset'} (run the tests with the build's setting)")
 
 
 # ------------------------------------------------------------------------ GPU
