@@ -137,7 +137,7 @@ def test_build_log_cuda_architectures():
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
 def test_built_without_debug_information_unless_asked():
     """setup.py compiles with -g0 over Python's -g (about 50 MB of DWARF in
-    libpgext); PGEXT_DEBUG_INFO=1 at build time keeps it."""
+    libpgext); PGEXT_DEBUG_INFO=1 at build time asks for -g."""
     library = pathlib.Path(pgext.__file__).parent / "lib" / "libpgext.so"
     sections = subprocess.run(["readelf", "-SW", str(library)], capture_output=True, text=True, check=True).stdout
     has_dwarf = ".debug_info" in sections
