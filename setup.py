@@ -46,9 +46,9 @@ LIBRARY = "pgext.lib.libpgext"
 MODULE = "pgext._C"
 VERSION = config.version()
 # Python's CFLAGS usually carry -g: with it libpgext holds about 50 MB of DWARF
-# and each file takes 1.7-1.9x as long to compile. PGEXT_DEBUG_INFO=1 asks for it; the
-# release wheels do (.ci/dist.py), then move it into their debug archive.
-CXX_FLAGS = config.CXX_FLAGS + (["-g"] if os.environ.get("PGEXT_DEBUG_INFO", "0") == "1" else ["-g0"])
+# and each file takes 1.7-1.9x as long to compile. PGEXT_DEBUG_INFO=1 asks for
+# it; the release wheels do (.ci/dist.py), then move it into their debug archive.
+CXX_FLAGS = config.CXX_FLAGS + (["-g"] if config.debug_info_wanted() else ["-g0"])
 
 
 def relative(paths):

@@ -104,11 +104,12 @@ def unpack_sdist(sdist: Path, work: Path) -> Path:
 def build_wheel(tree: Path, variant: str, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
-    # PGEXT_DEBUG_INFO=1: compiled with -g, for the debug archive strip_binaries makes
     if variant == "cpu":
-        env = _tool_env({"PGEXT_CPU_ONLY": "1", "PGEXT_DEBUG_INFO": "1"}, drop=("FORCE_CUDA",))
+        env = _tool_env({"PGEXT_CPU_ONLY": "1"}, drop=("FORCE_CUDA",))
     else:
-        env = _tool_env({"FORCE_CUDA": "1", "PGEXT_DEBUG_INFO": "1"}, drop=("PGEXT_CPU_ONLY",))
+        env = _tool_env({"FORCE_CUDA": "1"}, drop=("PGEXT_CPU_ONLY",))
+    # compiled with -g, for the debug archive strip_binaries makes
+    env["PGEXT_DEBUG_INFO"] = "1"
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", out, tree], env=env)
     (wheel,) = out.glob("*.whl")

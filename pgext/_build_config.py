@@ -187,6 +187,11 @@ def find_cuda_home() -> Optional[str]:
     return str(nvcc_path.parent.parent)
 
 
+def debug_info_wanted() -> bool:
+    """PGEXT_DEBUG_INFO=1: setup.py compiles with -g (else -g0, over Python's -g)."""
+    return os.environ.get("PGEXT_DEBUG_INFO", "0") == "1"
+
+
 def want_cuda() -> Optional[str]:
     """The toolkit root to build the CUDA kernels with, or None for CPU only.
 

@@ -374,6 +374,12 @@ def subprocess_env(**extra) -> dict:
 
 
 # --------------------------------------------------------------------------- machine code
+def elf_sections(path) -> set:
+    """The section names of an ELF file (`readelf -SW`)."""
+    out = subprocess.run(["readelf", "-SW", str(path)], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", out, re.M))
+
+
 def kernel_library() -> str:
     """The loaded binary holding the kernels: libpgext (or the JIT's build of it)."""
     with open("/proc/self/maps") as maps:

@@ -29,6 +29,7 @@ from conftest import (
     assert_close,
     check_against_reference,
     dtype_id,
+    elf_sections,
     evaluate,
     make_inputs,
     pgext_fn,
@@ -139,9 +140,8 @@ def test_built_without_debug_information_unless_asked():
     """setup.py compiles with -g0 over Python's -g (about 50 MB of DWARF in
     libpgext); PGEXT_DEBUG_INFO=1 at build time asks for -g."""
     library = pathlib.Path(pgext.__file__).parent / "lib" / "libpgext.so"
-    sections = subprocess.run(["readelf", "-SW", str(library)], capture_output=True, text=True, check=True).stdout
-    has_dwarf = ".debug_info" in sections
-    asked = os.environ.get("PGEXT_DEBUG_INFO", "0") == "1"
+    has_dwarf = ".debug_info" in elf_sections(library)
+    asked = _build_config.debug_info_wanted()
     assert has_dwarf == asked, (f"{library} {'has' if has_dwarf else 'lacks'} DWARF with PGEXT_DEBUG_INFO "
                                 f"{'=1' if asked else 'unset'} (run the tests with the build's setting)")
 

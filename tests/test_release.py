@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, elf_sections
 
 pytestmark = pytest.mark.slow
 OUT = ROOT / "build" / "test-dist"
@@ -97,10 +97,6 @@ def test_wheel_is_manylinux_pins_torch_and_grafts_nothing(artifacts):
     assert not [n for n in names if n.startswith("pgext.libs/") or re.search(r"lib(torch|c10|gomp)", n)], names
 
 
-def _sections(path):
-    return set(re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", _run(["readelf", "-SW", path]), re.M))
-
-
 def _build_id(path):
     return re.search(r"Build ID: ([0-9a-f]+)", _run(["readelf", "-n", path])).group(1)
 
@@ -115,11 +111,11 @@ def test_wheel_binaries_are_stripped_and_their_debug_information_archived(artifa
     assert len(binaries) == 2, binaries  # libpgext and pgext._C
     for name in binaries:
         binary, debug = tmp_path / "wheel" / name, tmp_path / "debug" / (name + ".debug")
-        sections = _sections(binary)
+        sections = elf_sections(binary)
         assert not [s for s in sections if s.startswith(".debug_")], f"{name} keeps {sorted(sections)}"
         assert ".gnu_debuglink" in sections and ".symtab" in sections, sections
         assert debug.is_file(), f"no debug information for {name}"
-        assert ".debug_info" in _sections(debug)
+        assert ".debug_info" in elf_sections(debug)
         assert _build_id(debug) == _build_id(binary), name
         # the build machine's paths are gone; torch is found next to pgext in site-packages
         runpath = re.findall(r"\((?:RUNPATH|RPATH)\)[^\[]*\[([^\]]*)\]", _run(["readelf", "-d", binary]))
