@@ -380,6 +380,23 @@ def elf_sections(path) -> set:
     return set(re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", out, re.M))
 
 
+def elf_dynamic(path) -> dict:
+    """The NEEDED, SONAME, RUNPATH and RPATH entries of an ELF file's dynamic
+    section (`readelf -d`), each a list of values in order."""
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    entries: dict = {}
+    for kind, value in re.findall(r"\((NEEDED|SONAME|RUNPATH|RPATH)\)\s+[^\[]*\[([^\]]*)\]", out):
+        entries.setdefault(kind, []).append(value)
+    return entries
+
+
+def undefined_symbols(path) -> str:
+    """`nm -D --undefined-only`: the dynamic symbols a shared library leaves to the loader."""
+    return subprocess.run(
+        ["nm", "-D", "--undefined-only", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def kernel_library() -> str:
     """The loaded binary holding the kernels: libpgext (or the JIT's build of it)."""
     with open("/proc/self/maps") as maps:

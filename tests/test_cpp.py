@@ -29,7 +29,7 @@ import torch
 
 import pgext
 from pgext import _build_config
-from conftest import ROOT, make_inputs, portable_code_reaching_avx, subprocess_env
+from conftest import ROOT, elf_dynamic, make_inputs, portable_code_reaching_avx, subprocess_env, undefined_symbols
 
 BUILD = ROOT / "build"
 CMAKE = shutil.which("cmake")
@@ -90,14 +90,6 @@ def _build_cpp_tests(name, prefix, scripted, args=()):
     _configure_build(ROOT / "tests" / "cpp", build,
                      [f"-DCMAKE_PREFIX_PATH={prefix}", f"-DPGEXT_SCRIPTED_MODULE={scripted}", *args])
     return build
-
-
-def _readelf(path):
-    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
-    entries = {}
-    for kind, value in re.findall(r"\((NEEDED|SONAME|RUNPATH|RPATH)\)\s+[^\[]*\[([^\]]*)\]", out):
-        entries.setdefault(kind, []).append(value)
-    return entries
 
 
 def _nm(*args):
@@ -216,14 +208,14 @@ def test_package_ships_library_headers_and_cmake_package():
 def test_module_links_libpgext_and_libpgext_is_python_free():
     pkg = _package_dir()
     module, library = Path(pgext._C.__file__), pkg / "lib" / "libpgext.so"
-    mod, lib = _readelf(module), _readelf(library)
+    mod, lib = elf_dynamic(module), elf_dynamic(library)
     assert "libpgext.so" in mod.get("NEEDED", []), mod
     assert "$ORIGIN/lib" in ":".join(mod.get("RUNPATH", []) + mod.get("RPATH", [])).split(":"), mod
     assert lib.get("SONAME") == ["libpgext.so"], lib
     assert not [n for n in lib.get("NEEDED", []) if "python" in n.lower()], lib["NEEDED"]
     assert "$ORIGIN/../../torch/lib" in ":".join(lib.get("RUNPATH", []) + lib.get("RPATH", [])).split(":"), lib
     # no Python symbol left for the loader to find, no module entry point
-    undefined = _nm("-D", "--undefined-only", library)
+    undefined = undefined_symbols(library)
     assert not re.search(r"\b_?Py[A-Z_]\w*", undefined), re.findall(r"\b_?Py[A-Z_]\w*", undefined)[:10]
     assert "PyInit_" not in _nm("-D", "--defined-only", library)
     # the ops are compiled into libpgext only: _C holds no registration and no kernel
@@ -330,7 +322,7 @@ def test_pip_install_ships_libpgext_and_links_it(pip_site, tmp_path):
     assert _ldd(modules[0])["libpgext.so"] == str(library)
     missing = {k: v for k, v in _ldd(library).items() if v == "not found"}
     assert not missing, missing
-    assert not [n for n in _readelf(library).get("NEEDED", []) if "python" in n.lower()]
+    assert not [n for n in elf_dynamic(library).get("NEEDED", []) if "python" in n.lower()]
 
     res = _site_python(pip_site, textwrap.dedent(
         """
@@ -521,11 +513,7 @@ def test_cmake_package_and_cpp_tests(standalone_prefix, scripted_module):
                           text=True).stdout
     assert "libpython" not in libs and "torch_python" not in libs, libs
     # -fopenmp reaches the CMake build too: at::parallel_for is serial without it
-    undefined = subprocess.run(
-        ["nm", "-D", "--undefined-only", str(next((prefix / "lib").glob("libpgext.so.*")))],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert "GOMP_parallel" in undefined
+    assert "GOMP_parallel" in undefined_symbols(next((prefix / "lib").glob("libpgext.so.*")))
 
     build = _build_cpp_tests("standalone", prefix, scripted_module)
     linked = [v for k, v in _ldd(build / "pgext_cpp_tests").items() if k.startswith("libpgext.so")]

@@ -18,6 +18,7 @@ from conftest import (
     assert_close,
     compiled_autograd_captures,
     dtype_id,
+    elf_dynamic,
     evaluate,
     kernel_library,
     make_inputs,
@@ -410,11 +411,6 @@ def test_portable_code_never_reaches_avx_instructions():
     assert portable_code_reaching_avx(kernel_library()) == []
 
 
-def _needed(path):
-    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
-    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
-
-
 @pytest.mark.slow
 def test_jit_build_matches_installed(tmp_path, request):
     """PGEXT_JIT=1 compiles the sources with torch.utils.cpp_extension.load: same results, bit for bit."""
@@ -430,8 +426,9 @@ def test_jit_build_matches_installed(tmp_path, request):
     library, module = build_dir / "lib" / "pgext_jit_lib.so", build_dir / "module" / "pgext_jit_C.so"
     assert child["libs"] == sorted([str(library), str(module)]), child["libs"]
     if shutil.which("readelf"):
-        assert library.name in _needed(module)
-        assert not [n for n in _needed(library) if "python" in n], _needed(library)
+        assert library.name in elf_dynamic(module).get("NEEDED", [])
+        needed = elf_dynamic(library).get("NEEDED", [])
+        assert not [n for n in needed if "python" in n], needed
     if shutil.which("objdump"):
         assert portable_code_reaching_avx(library) == []
     assert child["pgext_cap"] == pgext._C.cpu_capability()

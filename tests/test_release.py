@@ -20,12 +20,11 @@ import sys
 import tarfile
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, elf_sections
+from conftest import ROOT, elf_dynamic, elf_sections
 
 pytestmark = pytest.mark.slow
 OUT = ROOT / "build" / "test-dist"
@@ -118,7 +117,8 @@ def test_wheel_binaries_are_stripped_and_their_debug_information_archived(artifa
         assert ".debug_info" in elf_sections(debug)
         assert _build_id(debug) == _build_id(binary), name
         # the build machine's paths are gone; torch is found next to pgext in site-packages
-        runpath = re.findall(r"\((?:RUNPATH|RPATH)\)[^\[]*\[([^\]]*)\]", _run(["readelf", "-d", binary]))
+        dynamic = elf_dynamic(binary)
+        runpath = dynamic.get("RUNPATH", []) + dynamic.get("RPATH", [])
         assert runpath and all(p.startswith("$ORIGIN") for p in runpath[0].split(":")), runpath
 
 
