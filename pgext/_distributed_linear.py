@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ._args import require_dense, require_tensors
 from ._shard_check import _DTYPES, _INT_VIEW, FIELDS, _fold31, _mix31, build_header, check_headers
 
 _NAME = "linear_log_prob_entropy"
@@ -133,14 +134,9 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
 
 
 def _check_local(input, weight, action, bias, temperature, chunk_size):
-    for name, value in (("input", input), ("linear_weight", weight), ("action", action)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{_NAME}: linear_bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    for name, value in (("input", input), ("linear_weight", weight), ("action", action), ("linear_bias", bias)):
-        if value is not None and (value.layout != torch.strided or value.is_nested or value.is_quantized):
-            raise TypeError(f"{_NAME}: {name} must be a dense (strided) tensor")
+    named = (("input", input), ("linear_weight", weight), ("action", action))
+    require_tensors(_NAME, named, (("linear_bias", bias),))
+    require_dense(_NAME, named + (("linear_bias", bias),))
     if input.dtype not in _DTYPES:
         raise TypeError(f"{_NAME}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     for name, value in (("linear_weight", weight), ("linear_bias", bias)):

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ._args import require_device
 from .losses.policy_gradient import _check_call
 from ._distributed_linear import linear_log_prob_entropy
 from ._shard_check import build_header, check_headers
@@ -150,9 +151,7 @@ def _vocab_start(vocab_start, rank: int, logit: torch.Tensor) -> int:
 def _check_tensors(logit, action, return_, weight, reduction: str) -> torch.dtype:
     """pg_error's own shape and dtype checks, run by its Meta kernel (no data
     is read); returns the losses' dtype."""
-    for name, t in (("action", action), ("return_", return_), ("weight", weight)):
-        if t is not None and t.device != logit.device:
-            raise ValueError(f"pg_error: {name} is on {t.device} but logit is on {logit.device}")
+    require_device("pg_error", ("logit", logit), (("action", action), ("return_", return_), ("weight", weight)))
 
     def meta(t):
         return None if t is None else torch.empty_like(t, device="meta")

@@ -1,7 +1,10 @@
 """The PPO and A2C losses with DI-engine's API, against pgext.reference
 (DI-engine's formulas, eager Categorical)."""
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pgext
 from pgext import a2c_data, ppo_data, ppo_policy_data
@@ -120,3 +123,135 @@ def test_old_log_probs_must_have_the_actions_shape():
     new, old, action, per = _batch((8,), 4, seed=1)
     with pytest.raises(ValueError, match="old log-probabilities must have the actions' shape"):
         pgext.ppo_policy_error(ppo_policy_data(new, torch.zeros(4), action, per(), None))
+
+
+# ------------------------------------------------------------------------ bad input
+_LOSSES = {
+    "ppo_policy_error": (pgext.ppo_policy_error, ppo_policy_data, ("logit_new", "logit_old", "action", "adv")),
+    "ppo_error": (pgext.ppo_error, ppo_data,
+                  ("logit_new", "logit_old", "action", "value_new", "value_old", "adv", "return_")),
+    "a2c_error": (pgext.a2c_error, a2c_data, ("logit", "action", "value", "adv", "return_")),
+    "ppo_value_error": (pgext.ppo_value_error, pgext.ppo_value_data, ("value_new", "value_old", "return_")),
+}
+
+
+def _fields(data_type):
+    new, old, action, per = _batch((4,), 5, seed=2, dtype=torch.float32)
+    given = {"logit_new": new, "logit": new, "logit_old": old, "action": action, "weight": None}
+    return {name: given[name] if name in given else per() for name in data_type._fields}
+
+
+@pytest.mark.parametrize("bad", [2.0, [1.0, 2.0, 3.0, 4.0], None, "x"], ids=["float", "list", "None", "str"])
+@pytest.mark.parametrize("loss,field", [(loss, f) for loss, (_, _, fs) in _LOSSES.items() for f in fs] +
+                         [(loss, "weight") for loss in _LOSSES])
+def test_a_field_that_is_not_a_tensor_raises_type_error_naming_it(loss, field, bad):
+    fn, data_type, _ = _LOSSES[loss]
+    fields = _fields(data_type)
+    if field == "weight" and bad is None:
+        fn(data_type(**fields))  # None is the weight's default
+        return
+    fields[field] = bad
+    with pytest.raises(TypeError, match=f"^{loss}: {field} must be a torch.Tensor.*got {type(bad).__name__}$"):
+        fn(data_type(**fields))
+
+
+_SHAPES = [(), (1,), (4,), (4, 1), (1, 3), (4, 3), (3,), (4, 2), (4, 3, 2)]
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except (RuntimeError, IndexError, ValueError) as e:
+        return e
+
+
+@pytest.mark.parametrize("lead", [(4,), (4, 3), (4, 3, 2)], ids=str)
+def test_surrogate_takes_exactly_the_shapes_di_engines_ops_take(lead):
+    """Every (adv, weight) shape pair against (4,), (4, 3) and (4, 3, 2)
+    actions: where DI-engine's eager surrogate computes, pgext computes the
+    same losses; where it fails (a RuntimeError or IndexError of torch's),
+    pgext raises ValueError naming the shapes."""
+    new, old, action, _ = _batch(lead, 5, seed=3)
+    g = torch.Generator().manual_seed(0)
+    for adv_shape in _SHAPES:
+        for weight_shape in [None] + _SHAPES:
+            adv = torch.randn(adv_shape, generator=g, dtype=torch.float64)
+            weight = None if weight_shape is None else torch.rand(weight_shape, generator=g, dtype=torch.float64)
+            data = ppo_policy_data(new, old, action, adv, weight)
+            ref = _outcome(lambda: pgext.reference.ppo_policy_error(data))
+            case = f"actions {lead}, adv {adv_shape}, weight {weight_shape}"
+            if isinstance(ref, Exception):
+                with pytest.raises(ValueError, match=r"^ppo: adv \(.*must have the actions' shape") as info:
+                    pgext.ppo_policy_error(data)
+                assert str(tuple(adv_shape)) in str(info.value), case
+            else:
+                loss, stats = pgext.ppo_policy_error(data)
+                for a, e in zip(loss + stats, ref[0] + ref[1]):
+                    _close(a, e)
+
+
+def test_value_losses_take_exactly_the_shapes_di_engines_ops_take():
+    """ppo_value_error (DI-engine's eager arithmetic) and a2c_error's value
+    loss (its F.mse_loss): shapes that broadcast give DI-engine's numbers, the
+    others raise ValueError naming each shape."""
+    g = torch.Generator().manual_seed(1)
+    new, _, action, _ = _batch((4,), 5, seed=5)
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    for value_shape in _SHAPES:
+        for return_shape in _SHAPES:
+            value = torch.randn(value_shape, generator=g, dtype=torch.float64)
+            ret = torch.randn(return_shape, generator=g, dtype=torch.float64)
+            old = torch.randn(value_shape, generator=g, dtype=torch.float64)
+            data = pgext.ppo_value_data(value, old, ret, None)
+            ref = _outcome(lambda: pgext.reference.eager_value(value, old, ret, None, 0.2, True))
+            if isinstance(ref, Exception):
+                with pytest.raises(ValueError, match=r"^ppo_value_error: the shapes value_new .* do not broadcast"):
+                    pgext.ppo_value_error(data)
+            else:
+                _close(pgext.ppo_value_error(data), ref)
+            with warnings.catch_warnings():  # F.mse_loss warns of every broadcast, in both
+                warnings.simplefilter("ignore", UserWarning)
+                ref = _outcome(lambda: F.mse_loss(ret, value, reduction="none").mean())
+                a2c = a2c_data(new, action, value, adv, ret, None)
+                if isinstance(ref, Exception):
+                    with pytest.raises(ValueError, match=r"^a2c_error: the shapes value .* do not broadcast"):
+                        pgext.a2c_error(a2c)
+                else:
+                    _close(pgext.a2c_error(a2c).value_loss, ref)
+
+
+@pytest.mark.parametrize("loss,field", [("ppo_policy_error", "logit_old"), ("ppo_policy_error", "adv"),
+                                        ("ppo_policy_error", "weight"), ("ppo_error", "value_old"),
+                                        ("ppo_error", "return_"), ("ppo_value_error", "return_"),
+                                        ("ppo_value_error", "weight"), ("a2c_error", "value"),
+                                        ("a2c_error", "return_")])
+def test_a_field_on_another_device_raises_value_error_naming_it(loss, field):
+    """(4, 3) actions; PPO's with (4,) advantages and values, so that it
+    takes its eager path (where no op checks devices)."""
+    fn, data_type, _ = _LOSSES[loss]
+    new, old, action, _ = _batch((4, 3), 5, seed=6, dtype=torch.float32)
+    given = {"logit_new": new, "logit": new, "logit_old": old, "action": action}
+    per_sample = (4, 3) if loss == "a2c_error" else (4,)
+    fields = {name: given[name] if name in given else torch.rand(per_sample) for name in data_type._fields}
+    fields[field] = fields[field].to("meta")
+    with pytest.raises(ValueError, match=f"{field} is on meta but .* is on cpu"):
+        fn(data_type(**fields))
+
+
+def test_a_0d_cpu_advantage_is_taken_beside_any_device_as_eager_arithmetic_takes_it():
+    new, old, action, _ = _batch((4, 3), 5, seed=8, dtype=torch.float32)
+    data = ppo_policy_data(new.to("meta"), old.to("meta"), action.to("meta"), torch.tensor(0.5), None)
+    loss, info = pgext.ppo_policy_error(data)
+    assert loss.policy_loss.device.type == "meta" and loss.policy_loss.shape == ()
+
+
+@pytest.mark.parametrize("adv,match", [(torch.rand(4), r"adv must have the shape of action \[4, 3\]"),
+                                       (torch.rand(4, 3).to("meta"), "adv is on meta but logit is on cpu"),
+                                       (torch.rand(4, 3).to(torch.complex64), "adv must be float16")])
+def test_a2c_errors_name_a2c_and_its_advantage(adv, match):
+    """a2c_error's policy loss is pg_error's with adv as the return: its
+    errors say so in a2c_error's own names."""
+    new, _, action, _ = _batch((4, 3), 5, seed=9, dtype=torch.float32)
+    value = torch.rand(4, 3)
+    with pytest.raises((TypeError, ValueError), match=f"^a2c_error: {match}"):
+        pgext.a2c_error(a2c_data(new, action, value, adv, value, None))

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .._types import pg_loss
-from ..ops.linear import _check_options, _check_tensors
+from .._args import require_tensors
+from ..ops.linear import _check_options
 
 __all__ = ["linear_pg_error"]
 
@@ -29,11 +30,8 @@ def linear_pg_error(input: torch.Tensor, linear_weight: torch.Tensor, action: to
     :func:`linear_log_prob_entropy`.
     """
     op = "linear_pg_error"
-    _check_tensors(op, input=input, linear_weight=linear_weight, action=action, return_=return_,
-                   linear_bias=linear_bias, weight=weight)
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("action", action), ("return_", return_)):
-        if t is None:
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got NoneType")
+    require_tensors(op, (("input", input), ("linear_weight", linear_weight), ("action", action), ("return_", return_)),
+                    (("linear_bias", linear_bias), ("weight", weight)))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     temperature, chunk_size = _check_options(op, temperature, chunk_size)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _C
+from .._args import require_dense, require_tensors
 from .._temperature import check_temperature
 from .._types import pg_loss
 
@@ -30,17 +31,10 @@ def _check_call(data, weight, reduction):
             "pg_error expects pg_data(logit, action, return_) or a 3-tuple of tensors, "
             f"got {type(data).__name__}"
         ) from None
-    for name, value in (("logit", logit), ("action", action), ("return_", return_)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"pg_error: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if weight is not None and not isinstance(weight, torch.Tensor):
-        raise TypeError(f"pg_error: weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    for name, value in (("logit", logit), ("action", action), ("return_", return_), ("weight", weight)):
-        # the ops say the same (check_dense); pgext.distributed's checks come first
-        if value is not None and (value.layout != torch.strided or value.is_nested or value.is_quantized):
-            kind = "a nested tensor" if value.is_nested else "a quantized tensor" if value.is_quantized \
-                else f"layout {value.layout}"
-            raise TypeError(f"pg_error: {name} must be a dense (strided) tensor, got {kind}")
+    named = (("logit", logit), ("action", action), ("return_", return_))
+    require_tensors("pg_error", named, (("weight", weight),))
+    # the ops say the same (check_dense); pgext.distributed's checks come first
+    require_dense("pg_error", named + (("weight", weight),))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"pg_error: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return logit, action, return_

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._args import require_broadcast, require_device, require_float_result, require_tensors
 from ..ops.primitive import log_prob_entropy
 from ..reference import eager_surrogate, eager_value
 from .._types import ppo_data, ppo_info, ppo_loss, ppo_policy_data, ppo_policy_loss, ppo_value_data
@@ -32,10 +33,11 @@ from .._types import ppo_data, ppo_info, ppo_loss, ppo_policy_data, ppo_policy_l
 __all__ = ["ppo_policy_error", "ppo_value_error", "ppo_error"]
 
 
-def old_log_prob(logit_old: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+def old_log_prob(logit_old: torch.Tensor, action: torch.Tensor, logit_new: torch.Tensor) -> torch.Tensor:
     """The old policy's log-probability of each action, without gradient:
     ``logit_old`` itself when it has the actions' shape (stored
     log-probabilities), else from the old logits ``(..., N)``."""
+    require_device("ppo", ("logit_new", logit_new), (("logit_old", logit_old),))
     if logit_old.dim() == action.dim():
         if logit_old.shape != action.shape:
             raise ValueError(f"ppo: old log-probabilities must have the actions' shape {tuple(action.shape)}, got "
@@ -48,6 +50,11 @@ def old_log_prob(logit_old: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
 def _check_dual_clip(dual_clip: Optional[float]) -> None:
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"ppo: dual_clip must be greater than 1.0 (or None), got {dual_clip}")
+
+
+def _require_policy_tensors(op: str, logit_new, logit_old, action, adv, weight) -> None:
+    require_tensors(op, (("logit_new", logit_new), ("logit_old", logit_old), ("action", action), ("adv", adv)),
+                    (("weight", weight),))
 
 
 def ppo_policy_error(data: ppo_policy_data, clip_ratio: float = 0.2,
@@ -68,11 +75,47 @@ def ppo_policy_error(data: ppo_policy_data, clip_ratio: float = 0.2,
     Returns:
         ``(ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac))``,
         all 0-d tensors; the losses are differentiable.
+
+    Raises:
+        TypeError: a field that is not a tensor (``weight`` may be None).
+        ValueError: shapes that DI-engine's surrogate cannot combine, or
+            tensors on different devices.
     """
     _check_dual_clip(dual_clip)
     logit_new, logit_old, action, adv, weight = data
+    _require_policy_tensors("ppo_policy_error", logit_new, logit_old, action, adv, weight)
+    return _policy(logit_new, logit_old, action, adv, weight, clip_ratio, dual_clip)
+
+
+def _policy(logit_new, logit_old, action, adv, weight, clip_ratio, dual_clip) -> Tuple[ppo_policy_loss, ppo_info]:
     logp_new, entropy = log_prob_entropy(logit_new, action)
-    return clipped_surrogate(logp_new, old_log_prob(logit_old, action), entropy, adv, weight, clip_ratio, dual_clip)
+    return clipped_surrogate(logp_new, old_log_prob(logit_old, action, logit_new), entropy, adv, weight, clip_ratio,
+                             dual_clip)
+
+
+def _require_surrogate_shapes(logp_new: torch.Tensor, adv: torch.Tensor, weight: Optional[torch.Tensor]) -> None:
+    """ValueError, naming the shapes, where DI-engine's eager surrogate would
+    fail on them. The entropy keeps the actions' shape where the weight (the
+    advantage when there is none) has it, the ratio where the advantage has
+    it; otherwise each loses dim 1, the agents' (averaged over). What results
+    must broadcast with the advantage and the weight."""
+    shape = logp_new.shape
+    weight_shape = adv.shape if weight is None else weight.shape
+    agents = shape[:1] + shape[2:] if len(shape) >= 2 else None
+    entropy = shape if shape == weight_shape else agents
+    ratio = shape if shape == adv.shape else agents
+    fits = entropy is not None and ratio is not None  # None: no dim 1 to average over
+    if fits:
+        try:
+            torch.broadcast_shapes(entropy, weight_shape)
+            torch.broadcast_shapes(ratio, adv.shape, weight_shape)
+        except RuntimeError:
+            fits = False
+    if not fits:
+        given = f"adv {tuple(adv.shape)}" + ("" if weight is None else f" and weight {tuple(weight_shape)}")
+        shared = "" if agents is None else (
+            f", or broadcast with {tuple(agents)}, that shape without dim 1, where several agents share them")
+        raise ValueError(f"ppo: {given} must have the actions' shape {tuple(shape)}{shared}")
 
 
 def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: torch.Tensor, adv: torch.Tensor,
@@ -89,9 +132,15 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, entropy: t
         policy_loss, entropy_loss, approx_kl, clipfrac = torch.ops.pgext.ppo_surrogate(
             logp_new, logp_old, entropy, adv, weight, clip_ratio, dual_clip)
     else:
+        # eager arithmetic takes a 0-d CPU tensor beside tensors of any device
+        require_device("ppo", ("logit_new", logp_new), (("adv", adv), ("weight", weight)), cpu_scalars=True)
+        _require_surrogate_shapes(logp_new, adv, weight)
         policy_loss, entropy_loss, approx_kl, clipfrac = eager_surrogate(
             logp_new, logp_old, entropy, adv, weight, clip_ratio, dual_clip)
     return ppo_policy_loss(policy_loss, entropy_loss), ppo_info(approx_kl, clipfrac)
+
+
+_VALUE_NAMES = ("value_new", "value_old", "return_")
 
 
 def ppo_value_error(data: ppo_value_data, clip_ratio: float = 0.2, use_value_clip: bool = True) -> torch.Tensor:
@@ -99,8 +148,20 @@ def ppo_value_error(data: ppo_value_data, clip_ratio: float = 0.2, use_value_cli
     the value clipped to ``value_old +- clip_ratio`` (the larger of the two
     squared errors) where ``use_value_clip``: one ``torch.ops.pgext.ppo_value``
     call (one pass forward, one multiply backward) where the tensors have one
-    shape, DI-engine's eager ops where they broadcast."""
+    shape, DI-engine's eager ops where they broadcast.
+
+    Raises:
+        TypeError: a field that is not a tensor (``weight`` may be None), or
+            no floating-point value among them.
+        ValueError: shapes that do not broadcast, or tensors on different
+            devices (but for 0-d CPU tensors, as in eager arithmetic).
+    """
     value_new, value_old, return_, weight = data
+    require_tensors("ppo_value_error", zip(_VALUE_NAMES, (value_new, value_old, return_)), (("weight", weight),))
+    return _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
+
+
+def _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip) -> torch.Tensor:
     values = (value_new, value_old, return_)
     if weight is not None and not weight.is_floating_point():
         # a mask, promoted as eager multiplication would: to the values' dtype
@@ -108,6 +169,10 @@ def ppo_value_error(data: ppo_value_data, clip_ratio: float = 0.2, use_value_cli
     tensors = values if weight is None else values + (weight,)
     if all(t.is_floating_point() and t.shape == value_new.shape and t.device == value_new.device for t in tensors):
         return torch.ops.pgext.ppo_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
+    named = tuple(zip(_VALUE_NAMES, values)) + (("weight", weight),)
+    require_device("ppo_value_error", named[0], named[1:], cpu_scalars=True)
+    require_float_result("ppo_value_error", named)
+    require_broadcast("ppo_value_error", tuple((name, t.shape) for name, t in named if t is not None))
     return eager_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
 
 
@@ -118,6 +183,8 @@ def ppo_error(data: ppo_data, clip_ratio: float = 0.2, use_value_clip: bool = Tr
     value_new, value_old, adv, return_, weight)``."""
     _check_dual_clip(dual_clip)
     logit_new, logit_old, action, value_new, value_old, adv, return_, weight = data
-    policy, info = ppo_policy_error(ppo_policy_data(logit_new, logit_old, action, adv, weight), clip_ratio, dual_clip)
-    value_loss = ppo_value_error(ppo_value_data(value_new, value_old, return_, weight), clip_ratio, use_value_clip)
+    _require_policy_tensors("ppo_error", logit_new, logit_old, action, adv, weight)
+    require_tensors("ppo_error", zip(_VALUE_NAMES, (value_new, value_old, return_)))
+    policy, info = _policy(logit_new, logit_old, action, adv, weight, clip_ratio, dual_clip)
+    value_loss = _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
     return ppo_loss(policy.policy_loss, value_loss, policy.entropy_loss), info

@@ -15,13 +15,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._args import require_tensors
+
 __all__ = ["linear_log_prob_entropy"]
-
-
-def _check_tensors(op, **tensors):
-    for name, value in tensors.items():
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_options(op, temperature, chunk_size):
@@ -73,10 +69,8 @@ def linear_log_prob_entropy(input: torch.Tensor, linear_weight: torch.Tensor, ac
             ``ignore_index`` (on CUDA: a device-side assert).
     """
     op = "linear_log_prob_entropy"
-    _check_tensors(op, input=input, linear_weight=linear_weight, action=action, linear_bias=linear_bias)
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("action", action)):
-        if t is None:
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got NoneType")
+    require_tensors(op, (("input", input), ("linear_weight", linear_weight), ("action", action)),
+                    (("linear_bias", linear_bias),))
     if ignore_index is not None:
         if isinstance(ignore_index, bool):
             raise TypeError(f"{op}: ignore_index must be an int or None, got bool")

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._args import require_tensors
 from .._temperature import check_temperature
 
 __all__ = ["log_prob_entropy"]
@@ -38,9 +39,7 @@ def log_prob_entropy(logit: torch.Tensor, action: torch.Tensor, *, temperature: 
         ActionOutOfRangeError: an action outside ``[0, N)`` (an
             ``IndexError`` and a ``ValueError``) that is not ``ignore_index``.
     """
-    for name, value in (("logit", logit), ("action", action)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"log_prob_entropy: {name} must be a torch.Tensor, got {type(value).__name__}")
+    require_tensors("log_prob_entropy", (("logit", logit), ("action", action)))
     if ignore_index is not None:
         if isinstance(ignore_index, bool):
             raise TypeError("log_prob_entropy: ignore_index must be an int or None, got bool")
