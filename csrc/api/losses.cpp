@@ -14,6 +14,11 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
 namespace pgext {
 namespace {
 
@@ -46,6 +51,94 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+using Named = std::initializer_list<std::pair<const char*, const at::Tensor*>>;
+
+// The checks of pgext/_args.py, where the losses' eager ATen expressions
+// would fail with a c10::Error naming no argument. Undefined tensors are
+// skipped. With cpu_scalars, a 0-d CPU tensor may sit beside another device,
+// as eager arithmetic allows.
+void check_devices(const char* op, const char* anchor_name, const at::Tensor& anchor, Named named,
+                   bool cpu_scalars) {
+  for (const auto& [name, t] : named) {
+    if (!t->defined() || t->device() == anchor.device() || (cpu_scalars && t->dim() == 0 && t->is_cpu())) {
+      continue;
+    }
+    TORCH_CHECK_VALUE(false, op, ": ", name, " is on ", t->device(), " but ", anchor_name, " is on ", anchor.device());
+  }
+}
+
+// Whether the shapes broadcast together (torch.broadcast_shapes without the
+// error, whose message names no argument).
+bool broadcastable(c10::ArrayRef<at::IntArrayRef> shapes) {
+  size_t ndim = 0;
+  for (const auto shape : shapes) {
+    ndim = std::max(ndim, shape.size());
+  }
+  std::vector<int64_t> result(ndim, 1);
+  for (const auto shape : shapes) {
+    for (size_t i = 0; i < shape.size(); ++i) {
+      int64_t& r = result[ndim - shape.size() + i];
+      if (shape[i] != 1 && shape[i] != r) {
+        if (r != 1) {
+          return false;
+        }
+        r = shape[i];
+      }
+    }
+  }
+  return true;
+}
+
+void check_broadcast(const char* op, Named named) {
+  std::vector<at::IntArrayRef> shapes;
+  std::string listed;
+  for (const auto& [name, t] : named) {
+    if (t->defined()) {
+      shapes.push_back(t->sizes());
+      listed += (listed.empty() ? "" : ", ") + std::string(name) + " " + c10::str(t->sizes());
+    }
+  }
+  TORCH_CHECK_VALUE(broadcastable(shapes), op, ": the shapes ", listed, " do not broadcast together");
+}
+
+// The shapes DI-engine's eager surrogate can combine (pgext/losses/ppo.py's
+// _require_surrogate_shapes): the entropy keeps the actions' shape where the
+// weight (the advantage when there is none) has it, the ratio where the
+// advantage has it, otherwise each loses dim 1, the agents'; what results
+// must broadcast with the advantage and the weight.
+void check_surrogate_shapes(const at::Tensor& logp_new, const at::Tensor& adv, const at::Tensor& weight) {
+  const at::IntArrayRef shape = logp_new.sizes();
+  const at::IntArrayRef adv_shape = adv.sizes();
+  const at::IntArrayRef weight_shape = weight.defined() ? weight.sizes() : adv_shape;
+  const bool has_agents = shape.size() >= 2;
+  std::vector<int64_t> agents;
+  if (has_agents) {
+    agents.push_back(shape[0]);
+    agents.insert(agents.end(), shape.begin() + 2, shape.end());
+  }
+  const bool fits = (weight_shape == shape || has_agents) && (adv_shape == shape || has_agents) &&
+      broadcastable({weight_shape == shape ? shape : agents, weight_shape}) &&
+      broadcastable({adv_shape == shape ? shape : agents, adv_shape, weight_shape});
+  TORCH_CHECK_VALUE(
+      fits, "pgext::ppo: adv ", adv_shape, weight.defined() ? " and weight " + c10::str(weight_shape) : "",
+      " must have the actions' shape ", shape,
+      has_agents ? ", or broadcast with " + c10::str(at::IntArrayRef(agents)) +
+              ", that shape without dim 1, where several agents share them"
+                 : std::string());
+}
+
+// A loss is a mean: the values must promote to a real floating-point type.
+void check_float_result(const char* op, Named named) {
+  bool floating = false, complex = false;
+  for (const auto& [name, t] : named) {
+    if (t->defined()) {
+      floating = floating || at::isFloatingType(t->scalar_type());
+      complex = complex || at::isComplexType(t->scalar_type());
+    }
+  }
+  TORCH_CHECK_TYPE(floating && !complex, op, ": needs a real floating-point tensor among its values");
+}
+
 }  // namespace
 
 std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, const PpoOptions& options) {
@@ -63,6 +156,8 @@ std::pair<PpoPolicyLoss, PpoInfo> ppo_policy_error(const PpoPolicyData& data, co
     std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) = ops::ppo_surrogate(
         logp_new, logp_old, entropy, data.adv, optional_tensor(weight), options.clip_ratio, options.dual_clip);
   } else {  // several agents sharing one advantage: ratio and entropy averaged over them
+    check_devices("pgext::ppo", "logit_new", logp_new, {{"adv", &data.adv}, {"weight", &w}}, true);
+    check_surrogate_shapes(logp_new, data.adv, w);
     std::tie(policy_loss, entropy_loss, approx_kl, clipfrac) =
         ppo_surrogate_eager(logp_new, logp_old, entropy, data.adv, w, options.clip_ratio, options.dual_clip);
   }
@@ -90,6 +185,13 @@ std::pair<PpoLoss, PpoInfo> ppo_error(const PpoData& data, const PpoOptions& opt
   for (const at::Tensor* t : {&v_new, &v_old, &ret}) {
     fused = fused && at::isFloatingType(t->scalar_type());
   }
+  if (!fused) {
+    const Named values = {{"value_old", &v_old}, {"return_", &ret}, {"weight", &weight}};
+    check_devices("pgext::ppo_error", "value_new", v_new, values, true);
+    check_float_result("pgext::ppo_error", {{"value_new", &v_new}, {"value_old", &v_old}, {"return_", &ret}});
+    check_broadcast("pgext::ppo_error", {{"value_new", &v_new}, {"value_old", &v_old}, {"return_", &ret},
+                                         {"weight", &weight}});
+  }
   const at::Tensor value_loss =
       fused ? ops::ppo_value(v_new, v_old, ret, optional_tensor(weight), options.clip_ratio, options.use_value_clip)
             : ppo_value_eager(v_new, v_old, ret, weight, options.clip_ratio, options.use_value_clip);
@@ -105,6 +207,11 @@ A2cLoss a2c_error(const A2cData& data) {
   const std::optional<at::Tensor> weight =
       data.weight.has_value() && data.weight->defined() ? data.weight : std::nullopt;
   auto [policy_loss, entropy_loss] = ops::pg_error(data.logit, data.action, data.adv, weight, "mean");
+  const at::Tensor w = weight.value_or(at::Tensor());
+  const Named values = {{"value", &data.value}, {"return_", &data.return_}, {"weight", &w}};
+  check_devices("pgext::a2c_error", "logit", data.logit, values, false);
+  check_float_result("pgext::a2c_error", {{"value", &data.value}, {"return_", &data.return_}});
+  check_broadcast("pgext::a2c_error", values);
   const at::Tensor squared = (data.return_ - data.value).pow(2);
   const at::Tensor value_loss = weight.has_value() ? (squared * *weight).mean() : squared.mean();
   return {policy_loss, value_loss, entropy_loss};

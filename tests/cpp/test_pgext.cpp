@@ -349,6 +349,25 @@ void test_losses() {
   expect_throw<c10::ValueError>(
       [&] { pgext::ppo_policy_error({logit.detach(), logit_old, action, adv}, {.dual_clip = 0.5}); }, "dual_clip",
       "ppo: dual_clip <= 1");
+  // bad input raises c10::ValueError naming the argument, where the eager ATen
+  // expressions would fail with a c10::Error naming none
+  const auto longer = torch::randn({B + 1}, torch::kDouble);
+  expect_throw<c10::ValueError>(
+      [&] { pgext::ppo_policy_error({logit.detach(), logit_old, action, longer}); }, "must have the actions' shape",
+      "ppo: an advantage of another length");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::ppo_error({logit.detach(), logit_old, action, v, value_old.to(torch::kMeta), adv, ret}); },
+      "value_old is on meta", "ppo: value_old on another device");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::a2c_error({logit.detach(), action, v, adv, longer}); }, "do not broadcast",
+      "a2c: a return of another length");
+  expect_throw<c10::ValueError>(
+      [&] { pgext::a2c_error({logit.detach(), action, v.to(torch::kMeta), adv, ret}); }, "value is on meta",
+      "a2c: value on another device");
+  // several agents sharing one advantage: DI-engine's shapes still compute
+  const auto agents = pgext::ppo_policy_error(
+      {logit.detach().view({B / 4, 4, N}), logit_old.view({B / 4, 4, N}), action.view({B / 4, 4}), adv.narrow(0, 0, B / 4)});
+  check(torch::isfinite(agents.first.policy_loss).item<bool>(), "ppo: (B, A, N) logits with a (B,) advantage");
   const auto a2c = pgext::a2c_error({logit.detach(), action, v, adv, ret, weight});
   check_close(a2c.policy_loss.item<double>(), -(lp * adv * weight).mean().item<double>(), 1e-10, "a2c: policy");
   check_close(a2c.value_loss.item<double>(), ((ret - v).pow(2) * weight).mean().item<double>(), 1e-10, "a2c: value");

@@ -103,7 +103,9 @@ PGEXT_API LogProbEntropy log_prob_entropy(
 // applies only where adv < 0; logit_old may be the old policy's per-sample
 // log-probabilities (action's shape) instead of its logits. Differentiable
 // with respect to the new logits and the values; the info is 0-d tensors (no
-// host synchronization). Throws c10::ValueError for a dual clip <= 1.
+// host synchronization). Throws c10::ValueError for a dual clip <= 1, and,
+// naming the argument, for shapes DI-engine's eager ops cannot combine and
+// tensors on different devices (docs/losses.md), as the Python losses do.
 struct PpoPolicyData {
   at::Tensor logit_new;
   at::Tensor logit_old;
