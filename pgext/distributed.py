@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._args import require_device
+from ._args import require_device, require_tensors
 from .losses.policy_gradient import _check_call
 from ._distributed_linear import linear_log_prob_entropy
 from ._shard_check import build_header, check_headers
@@ -62,14 +62,17 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
     (an ``IndexError`` and a ``ValueError``) for an action outside ``[0, N)``
     (samples of weight 0 excepted); ``ValueError`` when the shards do not tile ``[0, N)``
     or the ranks disagree on samples, dtype, reduction, actions, returns or
-    weights; a rank whose own inputs fail pg_error's checks raises that error
-    and the others a ``ValueError`` that names it.
+    weights; a rank whose own inputs fail pg_error's checks (or whose logit
+    is on meta, with no data to send) raises that error and the others a
+    ``ValueError`` that names it.
     """
     group, rank = _group_and_rank(group)
     local_error = None
     logit = action = return_ = None
     try:
         logit, action, return_ = _check_call(data, weight, reduction)
+        if logit.is_meta:
+            raise ValueError("pg_error: logit is on meta, which holds no data for the other ranks")
         temperature = check_temperature("pg_error", temperature)
         if logit.dim() and logit.shape[-1] == 0:
             raise ValueError(
@@ -79,7 +82,7 @@ def pg_error(data, group=None, *, vocab_start: Optional[int] = None, weight: Opt
         loss_dtype = _check_tensors(logit, action, return_, weight, reduction)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
         local_error = e
-    device = logit.device if isinstance(logit, torch.Tensor) else _group_device(group)
+    device = logit.device if isinstance(logit, torch.Tensor) and not logit.is_meta else _group_device(group)
     header = build_header(logit, action, return_, weight, vocab_start, reduction, device, local_error is None)
     table = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     _collective("the all-gather of the shard headers", dist.all_gather, table, header, group=group)
@@ -100,8 +103,7 @@ def log_prob_entropy(logit: torch.Tensor, action: torch.Tensor, group=None, *, v
     collectives and checks); ``temperature`` and ``ignore_index`` as in
     ``pgext.log_prob_entropy`` (every rank must pass the same temperature).
     """
-    if not isinstance(logit, torch.Tensor) or not isinstance(action, torch.Tensor):
-        raise TypeError("log_prob_entropy: logit and action must be tensors")
+    require_tensors("log_prob_entropy", (("logit", logit), ("action", action)))
     temperature = check_temperature("log_prob_entropy", temperature)
     acc = _acc(logit) if logit.is_floating_point() else torch.float32
     minus_one = torch.full((), -1.0, dtype=acc, device=logit.device)
@@ -127,8 +129,8 @@ def _group_and_rank(group):
 
 
 def _group_device(group) -> torch.device:
-    # Only for a rank whose logit is not even a tensor: the header still has to
-    # go where the backend can send it.
+    # Only for a rank whose logit is not a tensor, or one on meta: the header
+    # still has to go where the backend can send it.
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -171,6 +171,8 @@ def _error_cases(rank: int, world: int):
         "weight_on_one_rank": call(weight=torch.ones(6) if last else None),
         "local_shape_error": call((mine.logit, mine.action, mine.return_[:3] if last else mine.return_)),
         "local_type_error": call(("no logit", mine.action, mine.return_) if last else None),
+        # a meta shard has no data to send: refused before the all-gather, on a device gloo can send
+        "meta_logit": call((mine.logit.to("meta"), mine.action.to("meta"), mine.return_.to("meta")) if last else None),
         "dtype_differs": call((mine.logit.double() if last else mine.logit, mine.action, mine.return_)),
         "reduction_differs": call(reduction="sum" if last else "mean"),
         "bad_reduction": call(reduction="avg"),

@@ -183,6 +183,7 @@ ERRORS = {
     "bad_temperature": _one_rank(lambda w: w - 1, "ValueError", r"temperature must be a finite number > 0, got 0.0"),
     "local_shape_error": _one_rank(lambda w: w - 1, "ValueError", r"return_ must have the shape of action \[6\]"),
     "local_type_error": _one_rank(lambda w: w - 1, "TypeError", r"logit must be a torch.Tensor, got str"),
+    "meta_logit": _one_rank(lambda w: w - 1, "ValueError", r"logit is on meta, which holds no data"),
     "negative_vocab_start": _one_rank(lambda w: 0, "ValueError", r"vocab_start must be in \[0, 2\*\*63\), got -1"),
     "huge_vocab_start": _one_rank(lambda w: w - 1, "ValueError",
                                   r"vocab_start must be in \[0, 2\*\*63\), got 9223372036854775808"),
