@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._args import require_broadcast, require_device, require_float_result, require_tensors
+from .._args import broadcasts, require_broadcast, require_device, require_float_result, require_tensors
 from ..ops.primitive import log_prob_entropy
 from ..reference import eager_surrogate, eager_value
 from .._types import ppo_data, ppo_info, ppo_loss, ppo_policy_data, ppo_policy_loss, ppo_value_data
@@ -104,14 +104,9 @@ def _require_surrogate_shapes(logp_new: torch.Tensor, adv: torch.Tensor, weight:
     agents = shape[:1] + shape[2:] if len(shape) >= 2 else None
     entropy = shape if shape == weight_shape else agents
     ratio = shape if shape == adv.shape else agents
-    fits = entropy is not None and ratio is not None  # None: no dim 1 to average over
-    if fits:
-        try:
-            torch.broadcast_shapes(entropy, weight_shape)
-            torch.broadcast_shapes(ratio, adv.shape, weight_shape)
-        except RuntimeError:
-            fits = False
-    if not fits:
+    # None: no dim 1 to average over
+    if entropy is None or ratio is None or not (
+            broadcasts(entropy, weight_shape) and broadcasts(ratio, adv.shape, weight_shape)):
         given = f"adv {tuple(adv.shape)}" + ("" if weight is None else f" and weight {tuple(weight_shape)}")
         shared = "" if agents is None else (
             f", or broadcast with {tuple(agents)}, that shape without dim 1, where several agents share them")
@@ -158,10 +153,10 @@ def ppo_value_error(data: ppo_value_data, clip_ratio: float = 0.2, use_value_cli
     """
     value_new, value_old, return_, weight = data
     require_tensors("ppo_value_error", zip(_VALUE_NAMES, (value_new, value_old, return_)), (("weight", weight),))
-    return _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
+    return _value("ppo_value_error", value_new, value_old, return_, weight, clip_ratio, use_value_clip)
 
 
-def _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip) -> torch.Tensor:
+def _value(op: str, value_new, value_old, return_, weight, clip_ratio, use_value_clip) -> torch.Tensor:
     values = (value_new, value_old, return_)
     if weight is not None and not weight.is_floating_point():
         # a mask, promoted as eager multiplication would: to the values' dtype
@@ -170,9 +165,9 @@ def _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip) ->
     if all(t.is_floating_point() and t.shape == value_new.shape and t.device == value_new.device for t in tensors):
         return torch.ops.pgext.ppo_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
     named = tuple(zip(_VALUE_NAMES, values)) + (("weight", weight),)
-    require_device("ppo_value_error", named[0], named[1:], cpu_scalars=True)
-    require_float_result("ppo_value_error", named)
-    require_broadcast("ppo_value_error", tuple((name, t.shape) for name, t in named if t is not None))
+    require_device(op, named[0], named[1:], cpu_scalars=True)
+    require_float_result(op, named)
+    require_broadcast(op, tuple((name, t.shape) for name, t in named if t is not None))
     return eager_value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
 
 
@@ -186,5 +181,5 @@ def ppo_error(data: ppo_data, clip_ratio: float = 0.2, use_value_clip: bool = Tr
     _require_policy_tensors("ppo_error", logit_new, logit_old, action, adv, weight)
     require_tensors("ppo_error", zip(_VALUE_NAMES, (value_new, value_old, return_)))
     policy, info = _policy(logit_new, logit_old, action, adv, weight, clip_ratio, dual_clip)
-    value_loss = _value(value_new, value_old, return_, weight, clip_ratio, use_value_clip)
+    value_loss = _value("ppo_error", value_new, value_old, return_, weight, clip_ratio, use_value_clip)
     return ppo_loss(policy.policy_loss, value_loss, policy.entropy_loss), info
