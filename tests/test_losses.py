@@ -147,12 +147,17 @@ def _fields(data_type):
 def test_a_field_that_is_not_a_tensor_raises_type_error_naming_it(loss, field, bad):
     fn, data_type, _ = _LOSSES[loss]
     fields = _fields(data_type)
-    if field == "weight" and bad is None:
-        fn(data_type(**fields))  # None is the weight's default
+    if field == "weight" and bad is None:  # None is the weight's default: finite losses
+        out = fn(data_type(**fields))
+        assert all(torch.isfinite(t).all() for t in _flat(out)), out
         return
     fields[field] = bad
     with pytest.raises(TypeError, match=f"^{loss}: {field} must be a torch.Tensor.*got {type(bad).__name__}$"):
         fn(data_type(**fields))
+
+
+def _flat(out):
+    return [out] if isinstance(out, torch.Tensor) else [t for part in out for t in _flat(part)]
 
 
 _SHAPES = [(), (1,), (4,), (4, 1), (1, 3), (4, 3), (3,), (4, 2), (4, 3, 2)]
