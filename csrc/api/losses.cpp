@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -127,6 +129,29 @@ void check_surrogate_shapes(const at::Tensor& logp_new, const at::Tensor& adv, c
                  : std::string());
 }
 
+// pg_error's argument error in a2c_error's names (its return_ is the
+// advantage), of the same c10 type. Only from a catch block.
+[[noreturn]] void rethrow_as_a2c(const c10::Error& error) {
+  std::string message = error.msg();
+  for (const auto& [theirs, ours] : {std::pair<std::string, std::string>{"pg_error: return_", "pgext::a2c_error: adv"},
+                                     {"pg_error:", "pgext::a2c_error:"}}) {
+    if (message.rfind(theirs, 0) == 0) {
+      message = ours + message.substr(theirs.size());
+      break;
+    }
+  }
+  if (dynamic_cast<const c10::IndexError*>(&error) != nullptr) {
+    C10_THROW_ERROR(IndexError, message);
+  }
+  if (dynamic_cast<const c10::TypeError*>(&error) != nullptr) {
+    C10_THROW_ERROR(TypeError, message);
+  }
+  if (dynamic_cast<const c10::ValueError*>(&error) != nullptr) {
+    C10_THROW_ERROR(ValueError, message);
+  }
+  throw;
+}
+
 // A loss is a mean: the values must promote to a real floating-point type.
 void check_float_result(const char* op, Named named) {
   bool floating = false, complex = false;
@@ -206,7 +231,12 @@ A2cLoss a2c_error(const A2cData& data) {
   // A2C's policy and entropy losses are pg_error's with the advantage as the return
   const std::optional<at::Tensor> weight =
       data.weight.has_value() && data.weight->defined() ? data.weight : std::nullopt;
-  auto [policy_loss, entropy_loss] = ops::pg_error(data.logit, data.action, data.adv, weight, "mean");
+  at::Tensor policy_loss, entropy_loss;
+  try {
+    std::tie(policy_loss, entropy_loss) = ops::pg_error(data.logit, data.action, data.adv, weight, "mean");
+  } catch (const c10::Error& e) {
+    rethrow_as_a2c(e);
+  }
   const at::Tensor w = weight.value_or(at::Tensor());
   const Named values = {{"value", &data.value}, {"return_", &data.return_}, {"weight", &w}};
   check_devices("pgext::a2c_error", "logit", data.logit, values, false);

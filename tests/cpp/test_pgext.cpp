@@ -364,6 +364,13 @@ void test_losses() {
   expect_throw<c10::ValueError>(
       [&] { pgext::a2c_error({logit.detach(), action, v.to(torch::kMeta), adv, ret}); }, "value is on meta",
       "a2c: value on another device");
+  // a2c_error's policy loss is pg_error's, its errors in a2c_error's names
+  expect_throw<c10::ValueError>(
+      [&] { pgext::a2c_error({logit.detach(), action, v, adv.view({B, 1}), ret}); }, "pgext::a2c_error: adv must",
+      "a2c: a (B, 1) advantage");
+  expect_throw<c10::IndexError>(
+      [&] { pgext::a2c_error({logit.detach(), action + N, v, adv, ret}); }, "pgext::a2c_error: action",
+      "a2c: an out-of-range action");
   // several agents sharing one advantage: DI-engine's shapes still compute
   const auto agents = pgext::ppo_policy_error(
       {logit.detach().view({B / 4, 4, N}), logit_old.view({B / 4, 4, N}), action.view({B / 4, 4}), adv.narrow(0, 0, B / 4)});
